@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make run    create .venv, install dualhess with both frameworks, run the main job
+#   make test   create .venv, install .[all,dev], run ruff and the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -c constraints.txt
+
+.PHONY: run test lint install install-dev clean bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt
+	$(PIP) -q -e '.[all]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -q -e '.[all,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: $(VENV)/.installed
+	$(VENV)/bin/dualhess analyze
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -n 2 -q
+
+bench: $(VENV)/.installed-dev
+	$(PIP) -q -e '.[bench]'
+	$(PY) -m benchmarks.run --suite cpu
+
+clean:
+	rm -rf $(VENV) dualhess-report

@@ -1,0 +1,43 @@
+"""Small shared helpers: input validation, progress bars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .operator import Operator
+
+__all__ = ["check_operator", "check_positive_int", "progress_bar", "check_finite_host"]
+
+
+def check_operator(op: Any, where: str) -> Operator:
+    """Accept an :class:`Operator`; wrap a plain 2-D array in a :class:`DenseOperator`."""
+    if isinstance(op, Operator):
+        return op
+    shape = getattr(op, "shape", None)
+    if shape is not None and len(shape) == 2:
+        from .operator import DenseOperator
+
+        return DenseOperator(op)
+    raise TypeError(f"{where}: expected a dualhess.Operator or a square 2-D array, got {type(op).__name__}")
+
+
+def check_positive_int(value: Any, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{where}: {name} must be positive, got {value}")
+    return int(value)
+
+
+def check_finite_host(x: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(f"{what} contains NaN or Inf; the operator is not finite")
+
+
+def progress_bar(progress: bool, total: int | None, desc: str) -> Any:
+    """A tqdm bar (disabled when ``progress`` is False)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)

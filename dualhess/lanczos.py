@@ -1,0 +1,174 @@
+"""Lanczos tridiagonalisation with full reorthogonalisation, batched over start vectors.
+
+References
+----------
+C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
+differential and integral operators", J. Res. Nat. Bur. Standards 45 (1950).
+B. N. Parlett, *The Symmetric Eigenvalue Problem*, SIAM (1998), ch. 13 (full
+reorthogonalisation, "twice is enough").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._array import array_namespace, default_rng, device, to_numpy
+from ._util import check_operator, check_positive_int, progress_bar
+from .operator import Operator
+from .results import Tridiagonal
+
+__all__ = ["lanczos"]
+
+
+def _start_block(op: Operator, start: Any, num_probes: int, rng: np.random.Generator) -> Any:
+    if start is None:
+        return op.asarray(rng.standard_normal((op.n, num_probes)))
+    if isinstance(start, np.ndarray) or not hasattr(start, "__array_namespace__") and not hasattr(start, "detach"):
+        start = op.asarray(np.asarray(start, dtype=np.float64))
+    xp = array_namespace(start)
+    if len(start.shape) == 1:
+        start = xp.reshape(start, (-1, 1))
+    if len(start.shape) != 2 or start.shape[0] != op.n:
+        raise ValueError(f"lanczos: start must have shape (n,) or (n, num_probes) with n={op.n}, got {tuple(start.shape)}")
+    if start.dtype != op.dtype:
+        start = op.asarray(start)
+    return start
+
+
+def lanczos(
+    op: Operator,
+    num_steps: int,
+    *,
+    start: Any = None,
+    num_probes: int = 1,
+    seed: Any = None,
+    reorthogonalize: bool = True,
+    return_basis: bool = False,
+    progress: bool = False,
+) -> Tridiagonal:
+    """Run ``num_steps`` Lanczos steps from one or several start vectors.
+
+    Several start vectors advance together: each step costs one ``op.matmat`` on an
+    ``(n, num_probes)`` block, never one call per probe.
+
+    Parameters
+    ----------
+    op : Operator
+        A symmetric operator.
+    num_steps : int
+        Number of steps ``m`` (products per probe). When an invariant subspace is found
+        earlier (``beta`` ~ 0, "breakdown") the probe stops cleanly: its remaining
+        ``alpha`` and ``beta`` are zero and ``num_steps[p]`` records where it stopped.
+    start : array, shape (n,) or (n, num_probes), optional
+        Start vectors (normalised internally). Default: Gaussian, drawn from ``seed``.
+    num_probes : int
+        Number of random start vectors when ``start`` is None.
+    seed : int, numpy.random.Generator or None
+        Randomness for the start vectors (drawn in numpy float64).
+    reorthogonalize : bool
+        Full two-pass Gram-Schmidt against all previous Lanczos vectors (default).
+        Without it, ghost copies of converged Ritz values appear after many steps.
+    return_basis : bool
+        Return the Lanczos vectors (``(n, m)``, or ``(num_probes, n, m)``).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Tridiagonal
+        ``alpha`` of shape ``(m,)`` and ``beta`` of shape ``(m - 1,)`` (leading
+        ``num_probes`` axis when several start vectors were given).
+
+    Examples
+    --------
+    >>> import numpy as np, dualhess
+    >>> op = dualhess.DenseOperator(np.diag(np.arange(1.0, 101.0)))
+    >>> T = dualhess.lanczos(op, 30, seed=0)
+    >>> float(np.linalg.eigvalsh(T.matrix()).max())  # doctest: +ELLIPSIS
+    100.0...
+    """
+    op = check_operator(op, "lanczos")
+    m = check_positive_int(num_steps, "num_steps", "lanczos")
+    check_positive_int(num_probes, "num_probes", "lanczos")
+    rng = default_rng(seed)
+    start_count = op.num_matvecs
+
+    Q = _start_block(op, start, num_probes, rng)
+    xp = array_namespace(Q)
+    p = Q.shape[1]
+    norms = xp.linalg.vector_norm(Q, axis=0)
+    norms_np = to_numpy(norms).astype(np.float64)
+    if np.any(norms_np == 0) or not np.all(np.isfinite(norms_np)):
+        raise ValueError("lanczos: a start vector is zero or not finite")
+    Q = Q / norms
+
+    alpha = np.zeros((p, m))
+    beta = np.zeros((p, max(m - 1, 0)))
+    steps = np.full(p, m, dtype=int)
+    active = np.ones(p, dtype=bool)
+    basis: list[Any] = [Q]
+    Q_prev = None
+    beta_prev = None
+    eps = float(np.finfo(np.float32 if "32" in str(op.dtype) else np.float64).eps)
+    scale = 0.0
+
+    bar = progress_bar(progress, m, "lanczos")
+    try:
+        for j in range(m):
+            W = op.matmat(Q)
+            a = xp.sum(Q * W, axis=0)
+            W = W - Q * a
+            if Q_prev is not None:
+                W = W - Q_prev * beta_prev
+            if reorthogonalize and j > 0:
+                stacked = xp.stack(basis, axis=0)  # (j+1, n, p)
+                for _ in range(2):  # "twice is enough"
+                    coeff = xp.sum(stacked * W[None, ...], axis=1)  # (j+1, p)
+                    W = W - xp.sum(stacked * coeff[:, None, :], axis=0)
+            a_np = to_numpy(a).astype(np.float64)
+            alpha[active, j] = a_np[active]
+            bar.update(1)
+            if j == m - 1:
+                break
+            b = xp.linalg.vector_norm(W, axis=0)
+            b_np = to_numpy(b).astype(np.float64)
+            scale = max(scale, float(np.max(np.abs(a_np[active]), initial=0.0)), float(np.max(b_np[active], initial=0.0)))
+            # Invariant subspace found: the residual is at rounding level.
+            broke = active & (b_np <= 100 * eps * np.sqrt(op.n) * max(scale, np.finfo(float).tiny))
+            for i in np.flatnonzero(broke):
+                steps[i] = j + 1
+            active &= ~broke
+            beta[active, j] = b_np[active]
+            if not active.any():
+                break
+            safe = np.where(active, b_np, 1.0)
+            mask = op.asarray(active.astype(np.float64))
+            Q_prev, beta_prev = Q, b
+            Q = W / op.asarray(safe) * mask
+            basis.append(Q)
+    finally:
+        bar.close()
+
+    basis_out = None
+    if return_basis:
+        stacked = xp.stack(basis, axis=-1)  # (n, p, steps_done)
+        if stacked.shape[-1] < m:  # pad with zero columns after an early global stop
+            pad = xp.zeros((op.n, p, m - stacked.shape[-1]), dtype=stacked.dtype, device=device(stacked))
+            stacked = xp.concat([stacked, pad], axis=-1)
+        basis_out = xp.permute_dims(stacked, (1, 0, 2))  # (p, n, m)
+        if p == 1:
+            basis_out = basis_out[0]
+    batched = p > 1 or (start is not None and len(getattr(start, "shape", (0,))) == 2)
+    if not batched:
+        alpha, beta = alpha[0], beta[0]
+    return Tridiagonal(
+        alpha=alpha,
+        beta=beta,
+        basis=basis_out,
+        num_matvecs=op.num_matvecs - start_count,
+        breakdown=steps < m,
+        num_steps=steps,
+        norm=norms_np,
+    )

@@ -1,0 +1,482 @@
+"""The one seam: a symmetric linear operator on a flat parameter vector.
+
+Every curvature matrix in dualhess (Hessian, GGN, Fisher, a dense test matrix) is an
+:class:`Operator`. The algorithms only ever call :meth:`Operator.matvec` and
+:meth:`Operator.matmat`, so they run unchanged on numpy, torch and jax arrays.
+
+Following :class:`scipy.sparse.linalg.LinearOperator`, a subclass implements *one* of
+``_matvec`` (``(n,) -> (n,)``) or ``_matmat`` (``(n, k) -> (n, k)``); the base class
+supplies the other, input checks, the product counter, chunking of ``matmat`` by
+``chunk_size`` columns, ``@``, :meth:`to_scipy` and :meth:`to_dense`.
+
+Examples
+--------
+>>> import numpy as np
+>>> from dualhess import DenseOperator
+>>> op = DenseOperator(np.diag([3.0, 1.0, -2.0]))
+>>> op @ np.ones(3)
+array([ 3.,  1., -2.])
+>>> op.num_matvecs
+1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._array import array_namespace, device, dtype_name, from_numpy, to_numpy
+
+__all__ = [
+    "Operator",
+    "DenseOperator",
+    "ParamLayout",
+    "ParamEntry",
+    "ExactUnavailableError",
+    "OperatorError",
+    "DEFAULT_DENSE_LIMIT",
+]
+
+#: Largest ``n`` :meth:`Operator.to_dense` builds without an explicit ``max_size``.
+DEFAULT_DENSE_LIMIT = 8192
+
+
+class OperatorError(ValueError):
+    """Bad input to an operator (shape, dtype, device) or bad output (NaN/Inf)."""
+
+
+class ExactUnavailableError(NotImplementedError):
+    """The operator cannot provide an exact diagonal / trace (use a stochastic method)."""
+
+
+def _namespace_name(x: Any) -> str:
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    return array_namespace(x).__name__.replace("array_api_compat.", "").split(".")[0]
+
+
+class Operator:
+    """A symmetric ``n x n`` linear operator acting on native 1-D / 2-D arrays.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(n, n)``.
+    dtype : dtype
+        The native dtype of vectors the operator accepts and returns.
+    like : array, optional
+        A native array (any shape) whose namespace, dtype and device define the
+        operator's vectors. Used by :meth:`asarray` to turn numpy probes into native
+        arrays. Defaults to numpy float64.
+    chunk_size : int, optional
+        At most this many columns go through one vectorised ``_matmat`` call, so peak
+        memory is ``chunk_size`` times that of one product. ``None``: all columns at once.
+    check_finite : bool
+        Raise :class:`OperatorError` when a product contains NaN or Inf (default True).
+
+    Notes
+    -----
+    Subclasses implement ``_matvec(v)`` or ``_matmat(V)``. They may also override
+    :meth:`exact_diagonal` (and :meth:`exact_trace`) when an exact diagonal is available.
+    """
+
+    layout: ParamLayout | None = None
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        dtype: Any = None,
+        *,
+        like: Any = None,
+        chunk_size: int | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise OperatorError(f"an Operator is square (n, n); got shape {shape}")
+        if shape[0] < 1:
+            raise OperatorError(f"an Operator needs n >= 1; got shape {shape}")
+        if like is None:
+            like = np.zeros(0, dtype=np.float64 if dtype is None else dtype)
+        self.shape: tuple[int, int] = shape
+        self.dtype = like.dtype if dtype is None else dtype
+        self._like = like
+        self.chunk_size = chunk_size
+        self.check_finite = check_finite
+        self.num_matvecs = 0
+        if type(self)._matvec is Operator._matvec and type(self)._matmat is Operator._matmat:
+            raise TypeError(f"{type(self).__name__} must implement _matvec or _matmat")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n(self) -> int:
+        """The dimension ``n``."""
+        return self.shape[0]
+
+    @property
+    def chunk_size(self) -> int | None:
+        """How many columns one vectorised product takes in :meth:`matmat`."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise OperatorError(f"chunk_size must be a positive int or None, got {value!r}")
+        self._chunk_size = None if value is None else int(value)
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace of the operator's vectors."""
+        return array_namespace(self._like)
+
+    @property
+    def device(self) -> Any:
+        """The device of the operator's vectors (``None`` when not checked)."""
+        try:
+            return device(self._like)
+        except Exception:  # pragma: no cover - exotic arrays
+            return None
+
+    @property
+    def framework(self) -> str:
+        """``'numpy'``, ``'torch'`` or ``'jax'``."""
+        return _namespace_name(self._like)
+
+    # ------------------------------------------------------------------ conversions
+    def asarray(self, x: Any) -> Any:
+        """Convert a numpy (or any) array to a native array of the operator's dtype/device."""
+        if not isinstance(x, np.ndarray):
+            x = to_numpy(x)
+        return from_numpy(np.asarray(x, dtype=np.float64), self._like)
+
+    @staticmethod
+    def to_numpy(x: Any) -> np.ndarray:
+        """Return a native array as numpy on the host."""
+        return to_numpy(x)
+
+    # ------------------------------------------------------------------ checks
+    def _check_input(self, x: Any, ndim: int) -> None:
+        what = "vector" if ndim == 1 else "matrix"
+        expected = "(n,)" if ndim == 1 else "(n, k)"
+        shape = getattr(x, "shape", None)
+        if shape is None:
+            raise OperatorError(
+                f"expected a native {what} of shape {expected} with n={self.n}, "
+                f"got {type(x).__name__}"
+            )
+        if _namespace_name(x) != self.framework:
+            raise OperatorError(
+                f"this operator works on {self.framework} arrays, got a "
+                f"{_namespace_name(x)} array; convert it with op.asarray(...)"
+            )
+        if len(shape) != ndim or shape[0] != self.n or (ndim == 2 and shape[1] < 1):
+            raise OperatorError(
+                f"expected a {what} of shape {expected} with n={self.n}, got shape {tuple(shape)}"
+            )
+        if x.dtype != self.dtype:
+            raise OperatorError(
+                f"dtype mismatch: the operator is {dtype_name(self.dtype)}, the {what} is "
+                f"{dtype_name(x.dtype)}; convert with op.asarray(...) or .to(dtype)"
+            )
+        own = self.device
+        if own is not None:
+            try:
+                dev = device(x)
+            except Exception:  # pragma: no cover
+                dev = own
+            if str(dev) != str(own) and self.framework != "jax":
+                raise OperatorError(
+                    f"device mismatch: the operator lives on {own}, the {what} on {dev}"
+                )
+
+    def _check_output(self, y: Any) -> Any:
+        if self.check_finite:
+            xp = array_namespace(y)
+            if not bool(xp.all(xp.isfinite(y))):
+                raise OperatorError(
+                    f"{type(self).__name__} produced NaN or Inf; check the parameters, "
+                    "the data and the loss for non-finite values"
+                )
+        return y
+
+    # ------------------------------------------------------------------ products
+    def _matvec(self, v: Any) -> Any:
+        xp = array_namespace(v)
+        return xp.reshape(self._matmat(xp.reshape(v, (-1, 1))), (-1,))
+
+    def _matmat(self, V: Any) -> Any:
+        xp = array_namespace(V)
+        cols = [self._matvec(V[:, j]) for j in range(V.shape[1])]
+        return xp.stack(cols, axis=1)
+
+    def matvec(self, v: Any) -> Any:
+        """Return ``H @ v`` for a native vector of shape ``(n,)``."""
+        self._check_input(v, 1)
+        y = self._matvec(v)
+        self.num_matvecs += 1
+        return self._check_output(y)
+
+    def matmat(self, V: Any) -> Any:
+        """Return ``H @ V`` for a native matrix of shape ``(n, k)``, ``chunk_size`` columns at a time."""
+        self._check_input(V, 2)
+        k = V.shape[1]
+        xp = array_namespace(V)
+        step = k if self.chunk_size is None else self.chunk_size
+        if k == 1 and type(self)._matvec is not Operator._matvec:
+            out = xp.reshape(self._matvec(V[:, 0]), (-1, 1))
+        elif step >= k:
+            out = self._matmat(V)
+        else:
+            out = xp.concat([self._matmat(V[:, j : j + step]) for j in range(0, k, step)], axis=1)
+        self.num_matvecs += k
+        return self._check_output(out)
+
+    def __matmul__(self, x: Any) -> Any:
+        ndim = len(getattr(x, "shape", ()))
+        if ndim == 1:
+            return self.matvec(x)
+        if ndim == 2:
+            return self.matmat(x)
+        raise OperatorError(f"op @ x needs a 1-D or 2-D array, got {ndim}-D")
+
+    def reset_counter(self) -> None:
+        """Set :attr:`num_matvecs` back to zero."""
+        self.num_matvecs = 0
+
+    # ------------------------------------------------------------------ exact quantities
+    def exact_diagonal(self) -> Any:
+        """The exact diagonal as a native ``(n,)`` array, where the operator can provide it.
+
+        Raises
+        ------
+        ExactUnavailableError
+            When the operator has no exact diagonal (use ``method='xdiag'``).
+        """
+        raise ExactUnavailableError(
+            f"{type(self).__name__} has no exact diagonal; use a stochastic estimate "
+            "(dualhess.diagonal(op, method='xdiag') or dualhess.trace(op, method='xtrace'))"
+        )
+
+    def exact_trace(self) -> float:
+        """The exact trace, where the operator can provide it (sum of the exact diagonal)."""
+        return float(np.sum(to_numpy(self.exact_diagonal()), dtype=np.float64))
+
+    # ------------------------------------------------------------------ interop
+    def to_scipy(self) -> Any:
+        """A :class:`scipy.sparse.linalg.LinearOperator` on numpy float64 vectors.
+
+        Each product converts to the native array type and back, so
+        ``scipy.sparse.linalg.eigsh(op.to_scipy(), k=5)`` and ``cg`` work directly.
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            v = np.asarray(v).reshape(-1)
+            return to_numpy(self.matvec(self.asarray(v))).astype(np.float64)
+
+        def mm(V: np.ndarray) -> np.ndarray:
+            return to_numpy(self.matmat(self.asarray(np.asarray(V)))).astype(np.float64)
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
+
+    def to_dense(self, max_size: int | None = None) -> Any:
+        """The full ``n x n`` matrix as a native array, built column block by column block.
+
+        Parameters
+        ----------
+        max_size : int, optional
+            Refuse when ``n`` exceeds this (default :data:`DEFAULT_DENSE_LIMIT`), since the
+            result takes ``8 n^2`` bytes in float64 and ``n`` products.
+        """
+        limit = DEFAULT_DENSE_LIMIT if max_size is None else int(max_size)
+        if self.n > limit:
+            gib = 8 * self.n**2 / 2**30
+            raise OperatorError(
+                f"to_dense() refuses n={self.n} > max_size={limit}: the matrix would need "
+                f"{gib:.1f} GiB and {self.n} products. Use the matrix-free algorithms "
+                "(eigsh, trace, density) or pass max_size= explicitly."
+            )
+        eye = self.asarray(np.eye(self.n))
+        return self.matmat(eye)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n={self.n}, dtype={dtype_name(self.dtype)}, "
+            f"framework={self.framework}, num_matvecs={self.num_matvecs})"
+        )
+
+
+class DenseOperator(Operator):
+    """An operator backed by an explicit symmetric matrix (numpy, torch or jax, 2-D).
+
+    Parameters
+    ----------
+    matrix : array of shape (n, n)
+        A square matrix. Symmetry is assumed by the algorithms; pass ``check_symmetric=True``
+        to verify it.
+    chunk_size : int, optional
+        See :class:`Operator`.
+
+    Examples
+    --------
+    >>> import numpy as np, dualhess
+    >>> op = dualhess.DenseOperator(np.diag(np.arange(1.0, 11.0)))
+    >>> dualhess.eigsh(op, k=2, seed=0).values
+    array([10.,  9.])
+    """
+
+    def __init__(
+        self,
+        matrix: Any,
+        *,
+        chunk_size: int | None = None,
+        check_symmetric: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        shape = getattr(matrix, "shape", None)
+        if shape is None:
+            matrix = np.asarray(matrix, dtype=np.float64)
+            shape = matrix.shape
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise OperatorError(f"DenseOperator needs a square 2-D matrix, got shape {tuple(shape)}")
+        if check_symmetric:
+            M = to_numpy(matrix)
+            if not np.allclose(M, M.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(M).max())):
+                raise OperatorError("DenseOperator: the matrix is not symmetric")
+        self.matrix = matrix
+        xp = array_namespace(matrix)
+        super().__init__(
+            tuple(shape),
+            matrix.dtype,
+            like=xp.reshape(matrix[0, :0], (0,)),
+            chunk_size=chunk_size,
+            check_finite=check_finite,
+        )
+
+    def _matmat(self, V: Any) -> Any:
+        return self.matrix @ V
+
+    def _matvec(self, v: Any) -> Any:
+        return self.matrix @ v
+
+    def exact_diagonal(self) -> Any:
+        xp = array_namespace(self.matrix)
+        return xp.linalg.diagonal(self.matrix) if hasattr(xp, "linalg") else xp.diagonal(self.matrix)
+
+
+# ---------------------------------------------------------------------- layout
+@dataclasses.dataclass(frozen=True)
+class ParamEntry:
+    """One named parameter inside a flat vector: ``flat[start:stop].reshape(shape)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+class ParamLayout:
+    """The ordered parameter map of a flat vector: names, shapes and slices.
+
+    Backends build one per operator (``op.layout``) so vectors can be split into named
+    tensors, joined back, and aligned across frameworks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> layout = ParamLayout.from_shapes([("w", (2, 3)), ("b", (2,))])
+    >>> layout.size
+    8
+    >>> parts = layout.split(np.arange(8.0))
+    >>> parts["b"]
+    array([6., 7.])
+    >>> layout.join(parts).shape
+    (8,)
+    """
+
+    def __init__(self, entries: Sequence[ParamEntry]) -> None:
+        self.entries: tuple[ParamEntry, ...] = tuple(entries)
+        self._by_name = {e.name: e for e in self.entries}
+        if len(self._by_name) != len(self.entries):
+            raise ValueError("ParamLayout: duplicate parameter names")
+
+    @classmethod
+    def from_shapes(cls, named_shapes: Iterable[tuple[str, Sequence[int]]]) -> ParamLayout:
+        entries, start = [], 0
+        for name, shape in named_shapes:
+            shape = tuple(int(s) for s in shape)
+            size = math.prod(shape)
+            entries.append(ParamEntry(name, shape, start, start + size))
+            start += size
+        return cls(entries)
+
+    @property
+    def size(self) -> int:
+        return self.entries[-1].stop if self.entries else 0
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __getitem__(self, name: str) -> ParamEntry:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no parameter {name!r}; known: {self.names}") from None
+
+    def split(self, flat: Any) -> dict[str, Any]:
+        """Split a flat native vector into ``{name: array of the parameter's shape}``."""
+        xp = array_namespace(flat)
+        if flat.shape[0] != self.size:
+            raise ValueError(f"expected a flat vector of length {self.size}, got {flat.shape[0]}")
+        return {e.name: xp.reshape(flat[e.start : e.stop], e.shape) for e in self.entries}
+
+    def join(self, parts: dict[str, Any]) -> Any:
+        """Concatenate ``{name: array}`` back into one flat vector in layout order."""
+        missing = [n for n in self.names if n not in parts]
+        if missing:
+            raise KeyError(f"missing parameters: {missing}")
+        first = parts[self.names[0]]
+        xp = array_namespace(first)
+        return xp.concat([xp.reshape(parts[n], (-1,)) for n in self.names])
+
+    def select(self, names: Sequence[str] | Callable[[str], bool]) -> list[ParamEntry]:
+        """The entries named in ``names`` (a list, or a predicate on names), in layout order."""
+        if callable(names):
+            chosen = [e for e in self.entries if names(e.name)]
+        else:
+            wanted = set(names)
+            unknown = wanted - set(self.names)
+            if unknown:
+                raise KeyError(f"unknown parameters {sorted(unknown)}; known: {self.names}")
+            chosen = [e for e in self.entries if e.name in wanted]
+        if not chosen:
+            raise ValueError("the parameter selection is empty")
+        return chosen
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [
+            {"name": e.name, "shape": list(e.shape), "start": e.start, "stop": e.stop}
+            for e in self.entries
+        ]
+
+    def __repr__(self) -> str:
+        return f"ParamLayout({len(self)} tensors, size={self.size})"
