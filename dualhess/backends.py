@@ -1,0 +1,217 @@
+"""The backend registry: the one place in :mod:`dualhess` that knows the backends exist.
+
+Backends are found lazily, einops-style: ``torch_backend`` / ``jax_backend`` are imported
+(with :mod:`importlib`) the first time they are asked for, never when :mod:`dualhess` is
+imported. Each backend package exposes ``dualhess_backend()`` returning an object that follows
+:class:`Backend`, the small protocol defined here. The application layer of the core —
+:func:`hessian`, :func:`crosscheck_model`, the CLI and the report — reaches the frameworks only
+through :func:`get_backend` and :func:`backend_for`.
+
+Examples
+--------
+>>> from dualhess.backends import known_backends
+>>> known_backends()
+('torch', 'jax')
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Protocol, runtime_checkable
+
+from .operator import Operator
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "get_backend",
+    "backend_for",
+    "known_backends",
+    "available_backends",
+    "hessian",
+    "crosscheck_model",
+]
+
+#: name -> (import path of the backend package, top-level packages whose objects it owns,
+#:          the pip extra that installs it)
+_REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "torch": ("torch_backend", ("torch",), "dualhess[torch]"),
+    "jax": ("jax_backend", ("jax", "jaxlib", "flax"), "dualhess[jax]"),
+}
+_LOADED: dict[str, Backend] = {}
+
+
+class BackendUnavailableError(ImportError):
+    """A backend was asked for but its framework is not installed."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend hands the core.
+
+    Attributes
+    ----------
+    name : str
+        ``"torch"`` or ``"jax"``.
+    """
+
+    name: str
+
+    def owns(self, model: Any) -> bool:
+        """Whether ``model`` is this framework's model (an ``nn.Module``; an nnx module or a
+        linen ``(module, variables)`` pair)."""
+        ...
+
+    def hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Operator:
+        """The Hessian operator of the loss over the whole data set."""
+        ...
+
+    def version_info(self) -> dict[str, str]:
+        """Versions of the framework packages, for reports."""
+        ...
+
+
+def known_backends() -> tuple[str, ...]:
+    """Names of every backend dualhess knows, installed or not."""
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """Load (once) and return the backend called ``name``.
+
+    Raises
+    ------
+    BackendUnavailableError
+        When the backend's framework is not installed, with the pip command that fixes it.
+    """
+    if name in _LOADED:
+        return _LOADED[name]
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(_REGISTRY)}")
+    module_name, _, extra = _REGISTRY[name]
+    try:
+        module = importlib.import_module(module_name)
+        backend = module.dualhess_backend()
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"the {name} backend needs packages that are not installed ({exc}); "
+            f"install them with: pip install '{extra}'"
+        ) from exc
+    if not isinstance(backend, Backend):  # pragma: no cover - a broken backend package
+        raise TypeError(f"{module_name}.dualhess_backend() does not follow dualhess.backends.Backend")
+    _LOADED[name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose frameworks import here."""
+    out = []
+    for name in _REGISTRY:
+        try:
+            get_backend(name)
+        except BackendUnavailableError:
+            continue
+        out.append(name)
+    return out
+
+
+def backend_for(model: Any) -> Backend:
+    """The backend that owns ``model``, found without importing any other framework.
+
+    A framework whose package was never imported cannot have made ``model``, so only
+    backends whose packages are already in :data:`sys.modules` are asked.
+    """
+    for name, (_, packages, _) in _REGISTRY.items():
+        if not any(p in sys.modules for p in packages):
+            continue
+        try:
+            backend = get_backend(name)
+        except BackendUnavailableError:
+            continue
+        if backend.owns(model):
+            return backend
+    raise TypeError(
+        f"dualhess cannot tell which framework {type(model).__name__} belongs to: pass a "
+        "torch nn.Module, a flax nnx.Module, or a linen (module, variables) pair"
+    )
+
+
+def hessian(model: Any, loss_fn: Any, data: Any, **options: Any) -> Operator:
+    """The Hessian operator of ``loss_fn(model(inputs), targets)`` over ``data``.
+
+    Dispatches on the model's framework: a torch ``nn.Module`` goes to
+    ``torch_backend.hessian``, a Flax ``nnx.Module`` to ``jax_backend.from_nnx``, a linen
+    ``(module, variables)`` pair to ``jax_backend.from_linen``. ``options`` are passed on
+    (``dtype``, ``chunk_size``, ``method``, ``params``, ...).
+
+    Examples
+    --------
+    >>> import torch, dualhess  # doctest: +SKIP
+    >>> model = torch.nn.Linear(4, 2).double()  # doctest: +SKIP
+    >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,)))  # doctest: +SKIP
+    >>> op = dualhess.hessian(model, torch.nn.CrossEntropyLoss(), data)  # doctest: +SKIP
+    >>> dualhess.eigsh(op, k=2).values  # doctest: +SKIP
+    """
+    return backend_for(model).hessian(model, loss_fn, data, **options)
+
+
+def crosscheck_model(
+    model: Any,
+    loss_fn: Any,
+    data: Any,
+    *,
+    dtype: str = "float64",
+    num_probes: int = 8,
+    k: int = 5,
+    seed: Any = 0,
+    rtol: float | None = None,
+    params: Any = None,
+    progress: bool = False,
+    **hessian_options: Any,
+) -> Any:
+    """Compute a PyTorch model's Hessian in PyTorch *and* in JAX, and compare.
+
+    Builds the model's Flax/JAX twin with identical weights (``jax_backend.from_torch``),
+    the Hessian operator on each side over the same data, and returns
+    :func:`dualhess.crosscheck` of the two with the parameter alignment of the twin.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        In eval mode (Dropout/BatchNorm in train mode are refused by the converter).
+    loss_fn : torch loss module
+        ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss``, ``nn.NLLLoss``.
+    data : batch or iterable of batches
+        ``(inputs, targets)`` in torch layout; the same samples feed both sides.
+    dtype : "float64" or "float32"
+    num_probes, k, seed, rtol : see :func:`dualhess.crosscheck`.
+
+    Returns
+    -------
+    CrosscheckReport
+
+    Examples
+    --------
+    >>> report = dualhess.crosscheck_model(model, torch.nn.CrossEntropyLoss(), (x, y))  # doctest: +SKIP
+    >>> print(report)  # doctest: +SKIP
+    """
+    from .crosscheck import crosscheck
+
+    torch_side = get_backend("torch")
+    jax_side = get_backend("jax")
+    if not torch_side.owns(model):
+        raise TypeError("crosscheck_model takes a PyTorch nn.Module (its JAX twin is built for you)")
+    op_torch = torch_side.hessian(model, loss_fn, data, dtype=dtype, params=params, **hessian_options)
+    twin_op, align = jax_side.twin_hessian(model, loss_fn, data, dtype=dtype, params=params)
+    return crosscheck(
+        op_torch,
+        twin_op,
+        align=align,
+        num_probes=num_probes,
+        k=k,
+        seed=seed,
+        rtol=rtol,
+        labels=("torch", "jax"),
+        progress=progress,
+    )

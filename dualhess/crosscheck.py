@@ -1,0 +1,258 @@
+"""Compare two curvature operators number by number (e.g. the same model in torch and JAX).
+
+The same probes (mapped through an :class:`~dualhess.alignment.Alignment` when the two flat
+parameter orders differ) go through both operators; the report gives the largest relative
+difference of the products, the agreement of the quadratic forms ``v^T H v`` (and the
+Hutchinson trace they make), the top-``k`` eigenvalues of each side, and a per-block
+breakdown naming the parameter tensors whose rows disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ._array import default_rng, is_float64, to_numpy
+from ._util import check_operator, check_positive_int
+from .alignment import Alignment
+from .operator import Operator
+from .results import Result
+
+__all__ = ["crosscheck", "CrosscheckReport", "BlockDifference", "default_rtol"]
+
+
+def default_rtol(op_a: Operator, op_b: Operator) -> float:
+    """1e-10 when both operators are float64, else 1e-4 (float32 round-off through a network)."""
+    return 1e-10 if is_float64(op_a.dtype) and is_float64(op_b.dtype) else 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDifference(Result):
+    """How much the rows of one parameter block differ between the two products."""
+
+    name: str
+    size: int
+    rel_diff: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CrosscheckReport(Result):
+    """The outcome of :func:`crosscheck`; ``str(report)`` is a readable summary.
+
+    Attributes
+    ----------
+    passed : bool
+        Every check below holds at ``rtol``.
+    rtol : float
+    max_rel_diff : float
+        ``max_j ||H_a v_j - H_b v_j|| / max(||H_a v_j||, ||H_b v_j||)`` over the probes.
+    quad_a, quad_b : list of float
+        ``v_j^T H v_j`` from each side; ``quad_rel_diff`` the largest relative difference,
+        scaled by ``||v_j|| * ||H v_j||``.
+    trace_a, trace_b, trace_stderr : float
+        The Hutchinson trace of each side from the same Rademacher probes.
+    eig_a, eig_b : list of float
+        Top-``k`` (largest algebraic) eigenvalues of each side, descending;
+        ``eig_bound`` the largest admissible difference (residuals + rtol * |lambda_max|).
+    blocks : list of BlockDifference
+        Per parameter block; ``failing_blocks`` names those above ``rtol``.
+    """
+
+    passed: bool
+    rtol: float
+    num_probes: int
+    max_rel_diff: float
+    quad_a: list[float]
+    quad_b: list[float]
+    quad_rel_diff: float
+    trace_a: float
+    trace_b: float
+    trace_stderr: float
+    eig_a: list[float]
+    eig_b: list[float]
+    eig_residuals_a: list[float]
+    eig_residuals_b: list[float]
+    eig_max_diff: float
+    eig_bound: float
+    blocks: list[BlockDifference]
+    failing_blocks: list[str]
+    labels: tuple[str, str]
+    num_matvecs: tuple[int, int]
+    checks: dict[str, bool]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        a, b = self.labels
+        lines = [
+            f"crosscheck {a} vs {b}: {'PASSED' if self.passed else 'FAILED'} at rtol={self.rtol:.1e}",
+            f"  products   max rel diff over {self.num_probes} probes: {self.max_rel_diff:.3e}"
+            f"  [{'ok' if self.checks['products'] else 'FAIL'}]",
+            f"  v'Hv       max rel diff: {self.quad_rel_diff:.3e}"
+            f"  [{'ok' if self.checks['quadratic_forms'] else 'FAIL'}]",
+            f"  trace      {a}: {self.trace_a:.10g}   {b}: {self.trace_b:.10g}"
+            f"   (Hutchinson, {self.num_probes} shared probes, stderr {self.trace_stderr:.3g})",
+        ]
+        if self.eig_a:
+            lines.append(
+                f"  top-{len(self.eig_a)} eigenvalues (max diff {self.eig_max_diff:.3e},"
+                f" allowed {self.eig_bound:.3e}) [{'ok' if self.checks['eigenvalues'] else 'FAIL'}]"
+            )
+            lines.append(f"    {'#':>3} {a:>22} {b:>22} {'diff':>11}")
+            for i, (x, y) in enumerate(zip(self.eig_a, self.eig_b)):
+                lines.append(f"    {i + 1:>3} {x:>22.14g} {y:>22.14g} {abs(x - y):>11.3e}")
+        if len(self.blocks) > 1:
+            lines.append("  per block (rows of H v):")
+            width = max(len(bl.name) for bl in self.blocks)
+            for bl in self.blocks:
+                mark = "ok" if bl.passed else "FAIL"
+                lines.append(f"    {bl.name:<{width}}  n={bl.size:<7d} rel diff {bl.rel_diff:.3e}  {mark}")
+        if self.failing_blocks:
+            lines.append("  disagreeing blocks: " + ", ".join(self.failing_blocks))
+        return "\n".join(lines)
+
+
+def _products(op: Operator, probes: np.ndarray) -> np.ndarray:
+    return to_numpy(op.matmat(op.asarray(probes))).astype(np.float64)
+
+
+def crosscheck(
+    op_a: Any,
+    op_b: Any,
+    *,
+    align: Alignment | None = None,
+    num_probes: int = 8,
+    k: int = 5,
+    seed: Any = 0,
+    rtol: float | None = None,
+    labels: tuple[str, str] | None = None,
+    eig_tol: float | None = None,
+    progress: bool = False,
+) -> CrosscheckReport:
+    """Compare two operators that should represent the same matrix.
+
+    Parameters
+    ----------
+    op_a, op_b : Operator
+        The two operators (any frameworks). ``op_a``'s flat order is "order a".
+    align : Alignment, optional
+        Maps order a to ``op_b``'s order (``v_b = v_a[align.perm]``) and names the parameter
+        blocks; identity with one block when omitted.
+    num_probes : int
+        Rademacher probes sent through both operators (one ``matmat`` each side).
+    k : int
+        Top eigenvalues compared (0 skips the eigenvalue check).
+    seed : int, Generator or None
+        Probe randomness (numpy float64, so both sides see identical probes).
+    rtol : float, optional
+        Pass/fail tolerance; default 1e-10 when both are float64, else 1e-4.
+    labels : (str, str), optional
+        Names for the two sides in the report (default: their frameworks).
+    eig_tol : float, optional
+        Residual tolerance for the eigenvalue solves (default ``rtol``, at least 1e-12).
+
+    Returns
+    -------
+    CrosscheckReport
+
+    Examples
+    --------
+    >>> import numpy as np, dualhess
+    >>> A = np.diag([3.0, 2.0, 1.0])
+    >>> report = dualhess.crosscheck(dualhess.DenseOperator(A), dualhess.DenseOperator(A.copy()), k=1)
+    >>> report.passed
+    True
+    """
+    op_a = check_operator(op_a, "crosscheck")
+    op_b = check_operator(op_b, "crosscheck")
+    if op_a.n != op_b.n:
+        raise ValueError(f"crosscheck: the operators have different sizes, {op_a.n} and {op_b.n}")
+    check_positive_int(num_probes, "num_probes", "crosscheck")
+    if align is None:
+        align = Alignment.identity(op_a.n)
+    if align.n != op_a.n:
+        raise ValueError(f"crosscheck: align is for n={align.n}, the operators have n={op_a.n}")
+    if k < 0 or k >= op_a.n:
+        raise ValueError(f"crosscheck: k must be in [0, n) with n={op_a.n}, got {k}")
+    rtol = default_rtol(op_a, op_b) if rtol is None else float(rtol)
+    labels = labels or (op_a.framework, op_b.framework)
+    if labels[0] == labels[1]:
+        labels = (labels[0] + " (a)", labels[1] + " (b)")
+    start = (op_a.num_matvecs, op_b.num_matvecs)
+
+    rng = default_rng(seed)
+    V = rng.choice([-1.0, 1.0], size=(op_a.n, num_probes))
+    HA = _products(op_a, V)
+    HB = align.b_to_a(_products(op_b, align.a_to_b(V)))
+
+    norm_a, norm_b = np.linalg.norm(HA, axis=0), np.linalg.norm(HB, axis=0)
+    scale = np.maximum(np.maximum(norm_a, norm_b), np.finfo(float).tiny)
+    max_rel = float(np.max(np.linalg.norm(HA - HB, axis=0) / scale))
+
+    quad_a, quad_b = np.sum(V * HA, axis=0), np.sum(V * HB, axis=0)
+    quad_scale = np.linalg.norm(V, axis=0) * scale
+    quad_rel = float(np.max(np.abs(quad_a - quad_b) / quad_scale))
+    stderr = float(np.std(quad_a, ddof=1) / np.sqrt(num_probes)) if num_probes > 1 else float("nan")
+
+    blocks = []
+    for name, idx in align.blocks:
+        diff = np.linalg.norm(HA[idx] - HB[idx], axis=0)
+        ref = np.maximum(np.linalg.norm(HA[idx], axis=0), np.linalg.norm(HB[idx], axis=0))
+        # relative to the block's own rows, but never below round-off of the whole product
+        denom = np.maximum(ref, 1e-3 * scale)
+        rel = float(np.max(diff / denom))
+        blocks.append(BlockDifference(name, int(idx.shape[0]), rel, rel <= rtol))
+
+    eig_a: list[float] = []
+    eig_b: list[float] = []
+    res_a: list[float] = []
+    res_b: list[float] = []
+    eig_max_diff, eig_bound, eig_ok = 0.0, 0.0, True
+    if k > 0:
+        from .eigsh import eigsh
+
+        tol = max(rtol if eig_tol is None else eig_tol, 1e-12)
+        ea = eigsh(op_a, k=k, which="LA", tol=tol, seed=rng, return_vectors=False, progress=progress)
+        eb = eigsh(op_b, k=k, which="LA", tol=tol, seed=rng, return_vectors=False, progress=progress)
+        va, vb = np.sort(ea.values)[::-1], np.sort(eb.values)[::-1]
+        eig_a, eig_b = va.tolist(), vb.tolist()
+        res_a, res_b = np.asarray(ea.residuals).tolist(), np.asarray(eb.residuals).tolist()
+        lam_scale = float(max(np.max(np.abs(va)), np.max(np.abs(vb)), np.finfo(float).tiny))
+        # |theta - lambda| <= ||r|| for a Ritz pair (Hermitian), plus Weyl: rtol * ||H||.
+        eig_bound = float(np.max(ea.residuals) + np.max(eb.residuals) + rtol * lam_scale)
+        eig_max_diff = float(np.max(np.abs(va - vb)))
+        eig_ok = eig_max_diff <= eig_bound
+
+    checks = {
+        "products": max_rel <= rtol,
+        "quadratic_forms": quad_rel <= rtol,
+        "eigenvalues": eig_ok,
+        "blocks": all(b.passed for b in blocks),
+    }
+    return CrosscheckReport(
+        passed=all(checks.values()),
+        rtol=rtol,
+        num_probes=num_probes,
+        max_rel_diff=max_rel,
+        quad_a=quad_a.tolist(),
+        quad_b=quad_b.tolist(),
+        quad_rel_diff=quad_rel,
+        trace_a=float(np.mean(quad_a)),
+        trace_b=float(np.mean(quad_b)),
+        trace_stderr=stderr,
+        eig_a=eig_a,
+        eig_b=eig_b,
+        eig_residuals_a=res_a,
+        eig_residuals_b=res_b,
+        eig_max_diff=eig_max_diff,
+        eig_bound=eig_bound,
+        blocks=blocks,
+        failing_blocks=[b.name for b in blocks if not b.passed],
+        labels=tuple(labels),
+        num_matvecs=(op_a.num_matvecs - start[0], op_b.num_matvecs - start[1]),
+        checks=checks,
+    )
