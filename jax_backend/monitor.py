@@ -1,0 +1,156 @@
+"""Hessian monitoring in a JAX / optax / Flax training loop.
+
+:class:`HessianMonitor` is called with the current parameter pytree once per step; every
+``every`` steps it builds :func:`jax_backend.hessian` at those parameters on a fixed
+monitoring set and logs the top eigenvalue (restarted Lanczos, warm-started from the
+previous top eigenvector, :func:`dualhess.per_layer.top_eigenpair`) and the trace
+(:func:`dualhess.trace`, probes from ``(seed, step)``). The history can be saved and plotted.
+It is the JAX twin of ``torch_backend.monitor.HessianMonitor``; both share the
+framework-neutral core :class:`dualhess.per_layer.SpectrumTracker`.
+
+With Flax, pass the parameter pytree: ``state.params`` (linen ``TrainState``) and a loss
+``loss_fn(params, batch)`` that calls ``module.apply({"params": params}, x)``; for nnx, pass
+``nnx.state(model, nnx.Param)`` and merge it with the graph definition inside ``loss_fn``.
+
+Examples
+--------
+>>> import jax, jax.numpy as jnp, numpy as np, optax
+>>> from jax_backend.monitor import HessianMonitor
+>>> x = np.linspace(-1.0, 1.0, 16, dtype=np.float32)[:, None]
+>>> t = 2.0 * x[:, 0]
+>>> def loss_fn(p, batch):
+...     inputs, targets = batch
+...     return jnp.mean((jnp.tanh(inputs @ p["w"]) @ p["v"] - targets) ** 2)
+>>> params = {"w": jnp.ones((1, 2)), "v": jnp.ones(2)}
+>>> monitor = HessianMonitor(loss_fn, (x, t), every=2, trace_matvecs=4)
+>>> opt = optax.sgd(0.1)
+>>> state = opt.init(params)
+>>> for step in range(3):
+...     _ = monitor.step(step, params)
+...     grads = jax.grad(loss_fn)(params, (x, t))
+...     updates, state = opt.update(grads, state)
+...     params = optax.apply_updates(params, updates)
+>>> monitor.steps
+[0, 2]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from dualhess.per_layer import MONITOR_METRICS, SpectrumTracker
+
+from .hessian import HessianOperator, hessian
+
+__all__ = ["HessianMonitor"]
+
+
+class HessianMonitor:
+    """Log the Hessian's top eigenvalue and trace every ``every`` steps of a JAX loop.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``loss_fn(params, batch) -> scalar`` (the mean loss of a batch), as for
+        :func:`jax_backend.hessian`.
+    data : batch or iterable of batches
+        The fixed monitoring set.
+    every : int
+        Measure at steps ``0, every, 2 every, ...``.
+    metrics : sequence of {"top_eigenvalue", "trace"}
+    tol : float
+        Relative residual tolerance of the top eigenvalue (the logged value is within
+        ``tol * |lambda|`` of an eigenvalue).
+    num_steps, max_matvecs :
+        Lanczos steps per restart cycle and the product budget of one measurement.
+    trace_method, trace_matvecs :
+        See :func:`dualhess.trace`.
+    seed : int
+        Base seed; trace probes at step ``s`` come from
+        ``numpy.random.default_rng([seed, s, 1])``.
+    warm_start : bool
+        Start Lanczos from the previous top eigenvector (default True).
+    chunk_size, dtype :
+        Passed to :func:`jax_backend.hessian`.
+    log_fn : callable, optional
+        Called with each record (a dict).
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], Any],
+        data: Any,
+        *,
+        every: int = 100,
+        metrics: Iterable[str] = MONITOR_METRICS,
+        tol: float = 1e-4,
+        num_steps: int = 20,
+        max_matvecs: int | None = None,
+        trace_method: str = "hutchinson",
+        trace_matvecs: int = 50,
+        seed: int = 0,
+        warm_start: bool = True,
+        chunk_size: int | None = None,
+        dtype: Any = None,
+        log_fn: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (params, batch) -> scalar, got {loss_fn!r}")
+        self.loss_fn = loss_fn
+        self.data = data
+        self.chunk_size = chunk_size
+        self.dtype = dtype
+        self.log_fn = log_fn
+        self.tracker = SpectrumTracker(
+            every=every,
+            metrics=metrics,
+            tol=tol,
+            num_steps=num_steps,
+            max_matvecs=max_matvecs,
+            trace_method=trace_method,
+            trace_matvecs=trace_matvecs,
+            seed=seed,
+            warm_start=warm_start,
+        )
+
+    def operator(self, params: Any) -> HessianOperator:
+        """The Hessian operator at ``params`` on the monitoring set."""
+        return hessian(self.loss_fn, params, self.data, chunk_size=self.chunk_size,
+                       dtype=self.dtype)
+
+    def step(self, step: int, params: Any) -> dict[str, Any] | None:
+        """Call once per training step with the current parameters; measures when due."""
+        if not self.tracker.due(step):
+            return None
+        return self.measure(step, params)
+
+    def measure(self, step: int, params: Any) -> dict[str, Any]:
+        """Measure now at ``params`` and log the record as step ``step``."""
+        record = self.tracker.measure(self.operator(params), int(step))
+        if self.log_fn is not None:
+            self.log_fn(dict(record))
+        return record
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.tracker.history
+
+    @property
+    def steps(self) -> list[int]:
+        return self.tracker.steps
+
+    def values(self, metric: str) -> list[float]:
+        """The logged values of ``"top_eigenvalue"`` or ``"trace"``."""
+        return self.tracker.values(metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.tracker.to_dict()
+
+    def save(self, path: Any) -> None:
+        """Write the settings and the history as JSON."""
+        self.tracker.save(path)
+
+    def plot(self, path: Any = None, **kwargs: Any) -> Any:
+        """Plot the history (one panel per metric); saves to ``path`` when given."""
+        return self.tracker.plot(path, **kwargs)

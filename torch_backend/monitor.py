@@ -1,0 +1,307 @@
+"""Hessian monitoring during training: ``lambda_max`` and the trace, cheaply, every N steps.
+
+:class:`HessianMonitor` fits a plain PyTorch training loop: call :meth:`HessianMonitor.step`
+once per iteration. Every ``every`` steps it builds the Hessian operator of the model at its
+current parameters on a fixed monitoring set (:func:`torch_backend.hessian`), and measures
+
+* the top eigenvalue by restarted Lanczos, **warm-started from the previous top
+  eigenvector** (:func:`dualhess.per_layer.top_eigenpair`): while the Hessian changes slowly,
+  one short Lanczos cycle suffices;
+* the trace (:func:`dualhess.trace`) with probes drawn from ``(seed, step)``, so that the
+  logged value can be reproduced exactly.
+
+The history is kept (``monitor.history``), saved as JSON and plotted (``monitor.plot()``).
+
+``HessianMonitorCallback`` is the same monitor as a PyTorch Lightning ``Callback`` that logs
+to the trainer's loggers. It exists only when ``lightning`` (or ``pytorch_lightning``) is
+installed; this module never imports Lightning otherwise.
+
+Examples
+--------
+>>> import torch
+>>> from torch_backend.examples import load_digits, make_mlp
+>>> from torch_backend.monitor import HessianMonitor
+>>> X, y = load_digits(n=64, flat=True)
+>>> model, loss_fn = make_mlp(hidden=4), torch.nn.CrossEntropyLoss()
+>>> monitor = HessianMonitor(model, loss_fn, (X, y), every=5, trace_matvecs=10)
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.5)
+>>> for step in range(11):
+...     _ = monitor.step(step)  # measures the current parameters at steps 0, 5, 10
+...     opt.zero_grad()
+...     loss_fn(model(X), y).backward()
+...     opt.step()
+>>> monitor.steps
+[0, 5, 10]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from dualhess.per_layer import MONITOR_METRICS, SpectrumTracker
+
+from .hessian import HessianOperator
+from .hessian import hessian as _hessian_operator
+
+__all__ = ["HessianMonitor"]  # + HessianMonitorCallback when Lightning is installed
+
+
+class HessianMonitor:
+    """Log the Hessian's top eigenvalue and trace every ``every`` training steps.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model being trained. It is put into eval mode while it is measured (BatchNorm
+        running statistics, no Dropout) and returned to its previous mode.
+    loss_fn : callable
+        ``(outputs, targets) -> scalar`` (an ``nn`` loss module or any callable).
+    data : (inputs, targets) or iterable of batches
+        The fixed monitoring set (e.g. a held-out batch or a loader with ``shuffle=False``).
+    every : int
+        Measure at steps ``0, every, 2 every, ...``.
+    metrics : sequence of {"top_eigenvalue", "trace"}
+    tol : float
+        Relative residual tolerance of the top eigenvalue: the logged value is within
+        ``tol * |lambda|`` of an eigenvalue of the Hessian at that step.
+    num_steps : int
+        Lanczos steps per restart cycle.
+    max_matvecs : int, optional
+        Product budget of one eigenvalue measurement.
+    trace_method : str
+        ``"hutchinson"`` (default), ``"hutch++"`` or ``"xtrace"`` (see :func:`dualhess.trace`).
+    trace_matvecs : int
+        Products per trace estimate.
+    seed : int
+        Base seed; the trace probes at step ``s`` come from
+        ``numpy.random.default_rng([seed, s, 1])``.
+    warm_start : bool
+        Start Lanczos from the previous top eigenvector (default True).
+    params : list of str or callable, optional
+        Monitor the Hessian block of these parameters only.
+    method : str
+        HVP engine (:func:`torch_backend.hessian`); ``"auto"`` is timed once, at the first
+        measurement, and its choice is reused.
+    dtype : torch.dtype, optional
+        Measure a copy of the model in this dtype (e.g. ``torch.float64``).
+    log_fn : callable, optional
+        Called with each record (a dict), e.g. ``lambda r: wandb.log(r, step=r["step"])``.
+
+    Attributes
+    ----------
+    history : list of dict
+        One record per measurement: ``step``, ``top_eigenvalue``, ``top_residual``,
+        ``top_converged``, ``top_matvecs``, ``warm_started``, ``trace``, ``trace_stderr``,
+        ``num_matvecs``.
+    tracker : dualhess.per_layer.SpectrumTracker
+        The framework-neutral core.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[..., Any],
+        data: Any,
+        *,
+        every: int = 100,
+        metrics: Iterable[str] = MONITOR_METRICS,
+        tol: float = 1e-4,
+        num_steps: int = 20,
+        max_matvecs: int | None = None,
+        trace_method: str = "hutchinson",
+        trace_matvecs: int = 50,
+        seed: int = 0,
+        warm_start: bool = True,
+        params: Any = None,
+        method: str = "auto",
+        dtype: torch.dtype | None = None,
+        log_fn: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.params = params
+        self.method = method
+        self.dtype = dtype
+        self.log_fn = log_fn
+        self.tracker = SpectrumTracker(
+            every=every,
+            metrics=metrics,
+            tol=tol,
+            num_steps=num_steps,
+            max_matvecs=max_matvecs,
+            trace_method=trace_method,
+            trace_matvecs=trace_matvecs,
+            seed=seed,
+            warm_start=warm_start,
+        )
+        self._count = 0
+        self._checked = False
+
+    # ------------------------------------------------------------------ operator
+    def operator(self) -> HessianOperator:
+        """The Hessian operator at the model's current parameters (on the monitoring set)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            op = _hessian_operator(
+                self.model,
+                self.loss_fn,
+                self.data,
+                params=self.params,
+                method=self.method,
+                dtype=self.dtype,
+                check_deterministic=not self._checked,
+            )
+        finally:
+            self.model.train(was_training)
+        self._checked = True
+        self.method = op.method  # "auto" is timed once
+        return op
+
+    # ------------------------------------------------------------------ logging
+    def step(self, step: int | None = None) -> dict[str, Any] | None:
+        """Call once per training iteration; measures when ``step % every == 0``.
+
+        Parameters
+        ----------
+        step : int, optional
+            The training step; default: an internal counter (0, 1, 2, ... per call).
+
+        Returns
+        -------
+        dict or None
+            The new record when a measurement was made.
+        """
+        if step is None:
+            step = self._count
+        self._count = int(step) + 1
+        if not self.tracker.due(step):
+            return None
+        return self.measure(step)
+
+    def measure(self, step: int) -> dict[str, Any]:
+        """Measure now (whatever ``every`` says) and log the record as step ``step``."""
+        op = self.operator()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            record = self.tracker.measure(op, int(step))
+        finally:
+            self.model.train(was_training)
+        if self.log_fn is not None:
+            self.log_fn(dict(record))
+        return record
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.tracker.history
+
+    @property
+    def steps(self) -> list[int]:
+        return self.tracker.steps
+
+    def values(self, metric: str) -> list[float]:
+        """The logged values of ``"top_eigenvalue"`` or ``"trace"``."""
+        return self.tracker.values(metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.tracker.to_dict()
+
+    def save(self, path: Any) -> None:
+        """Write the settings and the history as JSON."""
+        self.tracker.save(path)
+
+    def plot(self, path: Any = None, **kwargs: Any) -> Any:
+        """Plot the history (one panel per metric); saves to ``path`` when given."""
+        return self.tracker.plot(path, **kwargs)
+
+
+def _lightning_callback_base() -> type:
+    try:
+        from lightning.pytorch.callbacks import Callback
+    except ImportError:
+        try:
+            from pytorch_lightning.callbacks import Callback
+        except ImportError as err:
+            raise ImportError(
+                "HessianMonitorCallback needs PyTorch Lightning: pip install lightning "
+                "(for plain training loops use torch_backend.monitor.HessianMonitor)"
+            ) from err
+    return Callback
+
+
+def _make_callback_class() -> type:
+    Callback = _lightning_callback_base()
+
+    class HessianMonitorCallback(Callback):
+        """PyTorch Lightning callback: log ``lambda_max`` and the trace every N global steps.
+
+        Parameters
+        ----------
+        loss_fn : callable
+            ``(outputs, targets) -> scalar``; the model is the ``LightningModule``
+            (``pl_module(inputs)``).
+        data : (inputs, targets) or iterable of batches
+            The fixed monitoring set.
+        every : int
+            Measure when ``trainer.global_step % every == 0`` (once per global step).
+        prefix : str
+            Metric name prefix for the loggers (default ``"hessian/"``).
+        **kwargs
+            Passed to :class:`HessianMonitor` (``metrics``, ``tol``, ``trace_matvecs``, ...).
+
+        Attributes
+        ----------
+        monitor : HessianMonitor or None
+            Built at the first measurement; holds the history and ``plot()``.
+        """
+
+        def __init__(
+            self,
+            loss_fn: Callable[..., Any],
+            data: Any,
+            *,
+            every: int = 100,
+            prefix: str = "hessian/",
+            **kwargs: Any,
+        ) -> None:
+            super().__init__()
+            self.loss_fn = loss_fn
+            self.data = data
+            self.every = every
+            self.prefix = prefix
+            self.kwargs = kwargs
+            self.monitor: HessianMonitor | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step = int(trainer.global_step)
+            if self.monitor is None:
+                self.monitor = HessianMonitor(
+                    pl_module, self.loss_fn, self.data, every=self.every, **self.kwargs
+                )
+            if not self.monitor.tracker.due(step) or step in self.monitor.steps:
+                return
+            record = self.monitor.measure(step)
+            metrics = {
+                f"{self.prefix}{key}": float(record[key])
+                for key in ("top_eigenvalue", "trace", "trace_stderr", "num_matvecs")
+                if key in record
+            }
+            for logger in getattr(trainer, "loggers", []) or []:
+                logger.log_metrics(metrics, step=step)
+
+    return HessianMonitorCallback
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HessianMonitorCallback":
+        cls = _make_callback_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
