@@ -1,0 +1,180 @@
+"""Small, reusable digits models for tests, examples and the CLI.
+
+The data are scikit-learn's bundled 8x8 digits (1797 images, 10 classes; no download). The
+models are small enough that their dense Hessian is cheap (a few hundred to ~1500 parameters)
+and are trained briefly and deterministically with :func:`train`.
+
+Examples
+--------
+>>> import torch
+>>> from torch_backend.examples import load_digits, make_mlp, train
+>>> X, y = load_digits(n=128, flat=True)
+>>> model = train(make_mlp(), (X, y), steps=20, seed=0)
+>>> X.shape, sum(p.numel() for p in model.parameters())
+(torch.Size([128, 64]), 1210)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "load_digits",
+    "make_mlp",
+    "make_cnn",
+    "make_bn_cnn",
+    "make_residual",
+    "make_layernorm_mlp",
+    "make_groupnorm_cnn",
+    "ResidualMLP",
+    "train",
+    "MODELS",
+]
+
+
+def load_digits(
+    dtype: torch.dtype = torch.float64, n: int | None = None, *, flat: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as tensors: images ``(N, 1, 8, 8)`` (or ``(N, 64)``), labels ``(N,)``.
+
+    Pixels are scaled to ``[0, 1]``; ``n`` keeps the first ``n`` samples (fixed order).
+    """
+    from sklearn.datasets import load_digits as _load
+
+    bunch = _load()
+    X = torch.as_tensor(bunch.data / 16.0, dtype=dtype)
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    if n is not None:
+        X, y = X[:n], y[:n]
+    return (X if flat else X.reshape(-1, 1, 8, 8)), y
+
+
+def _init(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+            bound = 1.0 / fan_in**0.5
+            p.copy_(torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=gen))
+    return model.to(dtype)
+
+
+def make_mlp(hidden: int = 16, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """MLP on flat digits: ``Linear(64, hidden) - Tanh - Linear(hidden, 10)``."""
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+    return _init(model, seed, dtype)
+
+
+def make_cnn(channels: int = 4, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """CNN on ``(N, 1, 8, 8)``: ``Conv(1, c, 3, pad 1) - ReLU - AvgPool(2) - Flatten - Linear``."""
+    model = nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * channels, 10),
+    )
+    return _init(model, seed, dtype)
+
+
+def make_bn_cnn(
+    channels: int = 4, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> nn.Module:
+    """CNN with BatchNorm: ``Conv - BatchNorm2d - ReLU - AvgPool - Flatten - Linear``."""
+    model = nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * channels, 10),
+    )
+    return _init(model, seed, dtype)
+
+
+def make_groupnorm_cnn(
+    channels: int = 4, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> nn.Module:
+    """CNN with GroupNorm: ``Conv - GroupNorm(2) - Tanh - AvgPool - Flatten - Linear``."""
+    model = nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.GroupNorm(2, channels),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * channels, 10),
+    )
+    return _init(model, seed, dtype)
+
+
+def make_layernorm_mlp(
+    hidden: int = 8, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> nn.Module:
+    """MLP with LayerNorm: ``Linear(64, h) - LayerNorm(h) - Tanh - Linear(h, 10)``."""
+    model = nn.Sequential(
+        nn.Linear(64, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 10)
+    )
+    return _init(model, seed, dtype)
+
+
+class ResidualMLP(nn.Module):
+    """``Linear(64, h) - Tanh``, one residual block ``x + Linear(Tanh(Linear(x)))``, head."""
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(64, hidden), nn.Tanh())
+        self.block = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.block(h)
+        return self.head(torch.tanh(h))
+
+
+def make_residual(
+    hidden: int = 8, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> nn.Module:
+    """A residual MLP on flat digits (see :class:`ResidualMLP`)."""
+    return _init(ResidualMLP(hidden), seed, dtype)
+
+
+#: name -> (constructor, whether it takes flat inputs)
+MODELS = {
+    "mlp": (make_mlp, True),
+    "cnn": (make_cnn, False),
+    "bn_cnn": (make_bn_cnn, False),
+    "residual": (make_residual, True),
+    "layernorm_mlp": (make_layernorm_mlp, True),
+    "groupnorm_cnn": (make_groupnorm_cnn, False),
+}
+
+
+def train(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    steps: int = 50,
+    seed: int = 0,
+    *,
+    lr: float = 0.5,
+    batch_size: int = 64,
+) -> nn.Module:
+    """Train ``model`` in place with plain SGD on cross-entropy, deterministically.
+
+    Mini-batches are drawn with a ``torch.Generator`` seeded by ``seed``; the model is left in
+    eval mode (BatchNorm running statistics are updated during training).
+    """
+    X, y = data
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(steps):
+        idx = torch.randperm(X.shape[0], generator=gen)[:batch_size]
+        opt.zero_grad()
+        loss_fn(model(X[idx]), y[idx]).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return model

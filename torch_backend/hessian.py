@@ -1,0 +1,262 @@
+"""The Hessian of a PyTorch model's loss over a whole data set, as a :class:`dualhess.Operator`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+import dualhess
+
+from .data import Problem, resolve_reduction
+from .engines import ENGINES
+from .params import ParamSpec, check_model_mode, prepare_model, select_params
+
+__all__ = ["hessian", "HessianOperator", "TorchCurvatureOperator", "build_problem"]
+
+METHODS = ("auto", "func", "autograd", "pyhessian")
+
+
+def build_problem(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., Any],
+    data: Any,
+    *,
+    params: ParamSpec,
+    dtype: torch.dtype | None,
+    device: Any,
+    reduction: str | None,
+    check_deterministic: bool,
+) -> tuple[Problem, dualhess.ParamLayout, dict, dict]:
+    """Shared construction of every torch curvature operator (see :func:`hessian`)."""
+    reduction = resolve_reduction(loss_fn, reduction)
+    work, dtype_, device_, converted = prepare_model(model, dtype, device)
+    check_model_mode(work)
+    layout, selected, fixed = select_params(work, params)
+    problem = Problem(
+        work,
+        loss_fn,
+        data,
+        reduction=reduction,
+        dtype=dtype_,
+        device=device_,
+        convert=converted,
+        check_deterministic=check_deterministic,
+    )
+    problem.loss_value = problem.total_loss({**fixed, **selected})
+    return problem, layout, selected, fixed
+
+
+class TorchCurvatureOperator(dualhess.Operator):
+    """Base class of the torch curvature operators (flat torch vectors on the model's device).
+
+    Attributes
+    ----------
+    layout : dualhess.ParamLayout
+        Names (from ``model.named_parameters()``), shapes and slices of the flat vector.
+    problem : torch_backend.data.Problem
+        Model, loss and data.
+    loss : float
+        The whole-data-set loss at the current parameters.
+    num_samples : int
+        ``N``, the number of samples.
+    """
+
+    curvature = ""
+
+    def __init__(
+        self,
+        problem: Problem,
+        layout: dualhess.ParamLayout,
+        selected: dict[str, torch.Tensor],
+        fixed: dict[str, torch.Tensor],
+        chunk_size: int | None,
+    ) -> None:
+        self.problem = problem
+        self.layout = layout
+        self.selected = selected
+        self.fixed = fixed
+        super().__init__(
+            (layout.size, layout.size),
+            problem.dtype,
+            like=torch.zeros(0, dtype=problem.dtype, device=problem.device),
+            chunk_size=chunk_size,
+        )
+
+    @property
+    def loss(self) -> float:
+        return self.problem.loss_value
+
+    @property
+    def num_samples(self) -> int:
+        return self.problem.num_samples
+
+    @property
+    def reduction(self) -> str:
+        return self.problem.reduction
+
+    def split(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector into ``{parameter name: tensor of the parameter's shape}``."""
+        return self.layout.split(vec)
+
+    def join(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Join ``{parameter name: tensor}`` into a flat vector (layout order)."""
+        return self.layout.join(parts)
+
+    def _check_deterministic(self, seed: int = 0) -> None:
+        """Two products of the same vector must agree; raise with the likely causes otherwise."""
+        rng = np.random.default_rng(seed)
+        v = self.asarray(rng.standard_normal(self.n))
+        first, second = self._matvec(v), self._matvec(v)
+        scale = float(torch.linalg.vector_norm(first))
+        diff = float(torch.linalg.vector_norm(first - second))
+        tol = float(torch.finfo(self.dtype).eps) ** 0.5 * max(scale, 1e-30)
+        if not diff <= tol:
+            raise ValueError(
+                f"{type(self).__name__}: two products of the same vector differ "
+                f"(relative difference {diff / max(scale, 1e-300):.2e}), so the operator is not "
+                "fixed. Likely causes: a shuffled DataLoader (shuffle=True) or random data "
+                "augmentation, Dropout or other randomness in the forward pass (call "
+                "model.eval()), or non-deterministic kernels (torch.use_deterministic_algorithms"
+                "(True)). Pass check_deterministic=False to skip this check."
+            )
+
+    def _exact(self, curvature: str) -> torch.Tensor:
+        from .backpack import backpack_diagonal
+
+        return backpack_diagonal(self.problem, self.layout, curvature)
+
+
+class HessianOperator(TorchCurvatureOperator):
+    """The Hessian of the whole-data-set loss with respect to the selected parameters.
+
+    Build it with :func:`hessian`. ``method`` records the HVP engine in use (the one chosen by
+    ``"auto"``), ``method_timings`` the seconds per product measured by ``"auto"``.
+    """
+
+    curvature = "hessian"
+
+    def __init__(self, problem, layout, selected, fixed, *, method, chunk_size) -> None:
+        super().__init__(problem, layout, selected, fixed, chunk_size)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method_timings: dict[str, float] = {}
+        if method == "auto":
+            method = self._choose_method()
+        self.method = method
+        self._engine = ENGINES[method](problem, layout, selected, fixed)
+
+    def _choose_method(self) -> str:
+        v = self.asarray(np.random.default_rng(1).standard_normal((self.n, 2)))
+        for name in ("func", "autograd"):
+            engine = ENGINES[name](self.problem, self.layout, self.selected, self.fixed)
+            engine.matmat(v)  # warm-up (graph building, caches)
+            start = time.perf_counter()
+            engine.matmat(v)
+            self.method_timings[name] = (time.perf_counter() - start) / 2
+        return min(self.method_timings, key=self.method_timings.get)
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._engine.matvec(v)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._engine.matmat(V)
+
+    def exact_diagonal(self) -> torch.Tensor:
+        """The exact Hessian diagonal with BackPACK's ``DiagHessian`` (whole data set).
+
+        Raises
+        ------
+        dualhess.ExactUnavailableError
+            When BackPACK cannot handle the model or the loss.
+        """
+        return self._exact("hessian")
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(n={self.n}, dtype={self.dtype}, method={self.method!r}, "
+            f"num_samples={self.num_samples}, num_matvecs={self.num_matvecs})"
+        )
+
+
+def hessian(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., Any],
+    data: Any,
+    *,
+    params: ParamSpec = None,
+    method: str = "auto",
+    chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    reduction: str | None = None,
+    check_deterministic: bool = True,
+) -> HessianOperator:
+    """The Hessian of a model's loss over a whole data set, as a matrix-free operator.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module. It is evaluated with :func:`torch.func.functional_call` on detached copies
+        of its parameters: its parameters, ``.grad``, hooks and train/eval mode are never
+        changed. BatchNorm or Dropout in train mode is refused with an error asking for
+        ``model.eval()`` (batch statistics and random masks do not define a fixed operator).
+    loss_fn : callable
+        An ``nn`` loss module (its ``reduction`` is read) or any callable
+        ``(outputs, targets) -> scalar``.
+    data : (inputs, targets) or iterable of batches
+        One batch (inputs a tensor, a tuple or a dict of tensors) or e.g. a ``DataLoader``
+        with ``shuffle=False``. The operator is the Hessian of the loss of the whole data set,
+        each batch weighted by its size (exact with an unequal last batch).
+    params : list of str or callable, optional
+        Parameter names, or a predicate on names: the Hessian block of those parameters.
+        Default: all parameters with ``requires_grad``.
+    method : {"auto", "func", "autograd", "pyhessian"}
+        HVP engine (see :mod:`torch_backend.engines`). ``"auto"`` times ``func`` and
+        ``autograd`` at construction and keeps the faster (``op.method``).
+    chunk_size : int, optional
+        Columns per vectorised call in ``matmat`` (bounds memory).
+    dtype : torch.dtype, optional
+        Analyse a copy of the model and data in this dtype (e.g. ``torch.float64``).
+    device : torch.device or str, optional
+        Analyse a copy of the model, and the data, on this device.
+    reduction : {"mean", "sum"}, optional
+        For a plain callable ``loss_fn`` only (default ``"mean"``): whether it averages or
+        sums over the samples of a batch. Read from ``loss_fn.reduction`` for loss modules.
+    check_deterministic : bool
+        At construction, iterate the data twice and compare, and compare two products of
+        the same vector (default True). Costs one data pass and two products.
+
+    Returns
+    -------
+    HessianOperator
+        ``op.matvec``/``op.matmat`` on flat tensors; ``op.layout``, ``op.split``,
+        ``op.join``; ``op.exact_diagonal()`` through BackPACK where possible.
+
+    Examples
+    --------
+    >>> import torch, dualhess
+    >>> from torch_backend import hessian
+    >>> model = torch.nn.Linear(3, 2)
+    >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    >>> op = hessian(model, torch.nn.CrossEntropyLoss(), (X, y), dtype=torch.float64)
+    >>> op.shape
+    (8, 8)
+    """
+    problem, layout, selected, fixed = build_problem(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        dtype=dtype,
+        device=device,
+        reduction=reduction,
+        check_deterministic=check_deterministic,
+    )
+    op = HessianOperator(problem, layout, selected, fixed, method=method, chunk_size=chunk_size)
+    if check_deterministic:
+        op._check_deterministic()
+    return op
