@@ -1,7 +1,9 @@
 """dualhess: Hessian spectral analysis of neural networks in PyTorch and JAX/Flax.
 
 The core is framework-neutral: algorithms are written once against :class:`Operator`
-(``matvec``/``matmat``) and the Array API, and run on numpy, torch and jax vectors.
+(``matvec``/``matmat``) and the Array API, and run on numpy, torch and jax vectors. The
+framework backends (``torch_backend``, ``jax_backend``) are loaded lazily by
+:mod:`dualhess.backends`, so ``import dualhess`` needs neither framework.
 
 Examples
 --------
@@ -13,6 +15,13 @@ array([5.])
 
 from __future__ import annotations
 
+from .alignment import Alignment
+from .backends import available_backends, crosscheck_model, get_backend, hessian
+from .checkpoint import CheckpointMismatchError
+from .crosscheck import CrosscheckReport, crosscheck
+from .density import density
+from .diagonal import diagonal
+from .eigsh import eigsh
 from .lanczos import lanczos
 from .operator import (
     DenseOperator,
@@ -22,21 +31,43 @@ from .operator import (
     ParamEntry,
     ParamLayout,
 )
+from .per_layer import PerLayerSpectra, per_layer_spectra
+from .power import power_iteration
 from .results import DiagonalEstimate, Eigen, SpectralDensity, TraceEstimate, Tridiagonal
+from .trace import trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # the seam
     "Operator",
     "DenseOperator",
     "OperatorError",
     "ExactUnavailableError",
     "ParamLayout",
     "ParamEntry",
+    "Alignment",
+    # algorithms
     "lanczos",
+    "eigsh",
+    "power_iteration",
+    "trace",
+    "diagonal",
+    "density",
+    "per_layer_spectra",
+    # cross-framework
+    "crosscheck",
+    "crosscheck_model",
+    "hessian",
+    "get_backend",
+    "available_backends",
+    # results
     "Tridiagonal",
     "Eigen",
     "TraceEstimate",
     "DiagonalEstimate",
     "SpectralDensity",
+    "CrosscheckReport",
+    "PerLayerSpectra",
+    "CheckpointMismatchError",
 ]

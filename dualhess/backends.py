@@ -36,8 +36,8 @@ __all__ = [
 #: name -> (import path of the backend package, top-level packages whose objects it owns,
 #:          the pip extra that installs it)
 _REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "torch": ("torch_backend", ("torch",), "dualhess[torch]"),
-    "jax": ("jax_backend", ("jax", "jaxlib", "flax"), "dualhess[jax]"),
+    "torch": ("torch_backend.registry", ("torch",), "dualhess[torch]"),
+    "jax": ("jax_backend.registry", ("jax", "jaxlib", "flax"), "dualhess[jax]"),
 }
 _LOADED: dict[str, Backend] = {}
 

@@ -1,0 +1,51 @@
+"""The torch backend as the core's registry sees it (:class:`dualhess.backends.Backend`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["TorchBackend", "dualhess_backend", "torch_dtype"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "double": torch.float64, "float": torch.float32}
+
+
+def torch_dtype(dtype: Any) -> torch.dtype | None:
+    """Accept ``"float64"``/``"float32"`` (framework-neutral names) or a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'float64' or 'float32'") from None
+
+
+class TorchBackend:
+    """Builds torch curvature operators for the core's dispatching functions and the CLI."""
+
+    name = "torch"
+
+    def owns(self, model: Any) -> bool:
+        return isinstance(model, torch.nn.Module)
+
+    def hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Any:
+        from .hessian import hessian
+
+        options["dtype"] = torch_dtype(options.get("dtype"))
+        return hessian(model, loss_fn, data, **options)
+
+    def version_info(self) -> dict[str, str]:
+        info = {"torch": torch.__version__}
+        for dist in ("backpack-for-pytorch", "pyhessian"):
+            try:
+                from importlib.metadata import version
+
+                info[dist] = version(dist)
+            except Exception:  # noqa: BLE001 - optional packages
+                pass
+        return info
+
+
+def dualhess_backend() -> TorchBackend:
+    return TorchBackend()
