@@ -1,0 +1,44 @@
+"""dualhess JAX/Flax backend: Hessian and GGN operators over pytrees, Flax adapters.
+
+Everything here imports jax (and, inside the Flax adapters, flax); the framework-neutral
+algorithms live in :mod:`dualhess` and take these operators directly.
+
+Examples
+--------
+>>> import jax.numpy as jnp, numpy as np, dualhess
+>>> from jax_backend import hessian
+>>> x = np.ones((5, 3), dtype=np.float32)
+>>> op = hessian(lambda w, batch: jnp.mean((batch @ w) ** 2), jnp.zeros(3), x)
+>>> isinstance(op, dualhess.Operator), op.n
+(True, 3)
+"""
+
+from __future__ import annotations
+
+from .data import Dataset, prepare_data
+from .flax_adapters import from_linen, from_nnx
+from .hessian import (
+    DEFAULT_DENSE_HESSIAN_LIMIT,
+    GGNOperator,
+    HessianOperator,
+    PytreeOperator,
+    dense_hessian,
+    ggn,
+    hessian,
+    reduce_loss,
+)
+
+__all__ = [
+    "hessian",
+    "ggn",
+    "dense_hessian",
+    "from_linen",
+    "from_nnx",
+    "HessianOperator",
+    "GGNOperator",
+    "PytreeOperator",
+    "Dataset",
+    "prepare_data",
+    "reduce_loss",
+    "DEFAULT_DENSE_HESSIAN_LIMIT",
+]

@@ -1,0 +1,244 @@
+"""Flax adapters: curvature operators for linen modules and nnx models.
+
+Both adapters take ``loss(outputs, targets)`` and data whose batches are pairs
+``(inputs, targets)``; the model is called as ``model(inputs)``. ``loss`` may return a
+scalar (the batch mean) or per-sample values with a leading batch dimension, which are
+averaged, so optax losses such as ``optax.softmax_cross_entropy_with_integer_labels`` work
+directly. The curvature is taken with respect to the trainable parameters only (the linen
+``params`` collection, the nnx ``nnx.Param`` state); everything else (BatchNorm statistics,
+RNG state) is held fixed, in inference mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from .data import path_name
+from .hessian import GGNOperator, HessianOperator, PytreeOperator, reduce_loss
+
+__all__ = ["from_linen", "from_nnx", "inference_kwargs"]
+
+#: Keyword flags that switch Flax modules between training and inference, with the value
+#: meaning "inference" (``train=False``, ``deterministic=True``, ...).
+_INFERENCE_FLAGS = {"train": False, "training": False, "is_training": False, "deterministic": True}
+
+
+def inference_kwargs(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The inference-mode keyword arguments ``fn`` accepts (``train=False``, ...).
+
+    Examples
+    --------
+    >>> def call(self, x, train: bool = True): ...
+    >>> inference_kwargs(call)
+    {'train': False}
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return {}
+    return {name: value for name, value in _INFERENCE_FLAGS.items() if name in params}
+
+
+def _build(
+    curvature: str,
+    apply_fn: Callable[[Any, Any], Any],
+    loss: Callable[[Any, Any], Any],
+    params: Any,
+    data: Any,
+    chunk_size: int | None,
+    dtype: Any,
+    prefix: str,
+    where: str,
+) -> PytreeOperator:
+    if not callable(loss):
+        raise TypeError(f"{where}: loss must be callable loss(outputs, targets)")
+    if curvature == "ggn":
+        return GGNOperator(
+            apply_fn, loss, params, data, chunk_size=chunk_size, dtype=dtype, prefix=prefix
+        )
+    if curvature != "hessian":
+        raise ValueError(f"{where}: curvature must be 'hessian' or 'ggn', got {curvature!r}")
+
+    def loss_fn(p: Any, batch: Any) -> Any:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"{where}: every batch must be a pair (inputs, targets), got a "
+                f"{type(batch).__name__}"
+            )
+        inputs, targets = batch
+        size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        return reduce_loss(loss(apply_fn(p, inputs), targets), size, f"{where}: loss")
+
+    return HessianOperator(loss_fn, params, data, chunk_size=chunk_size, dtype=dtype, prefix=prefix)
+
+
+def from_linen(
+    module: Any,
+    variables: Mapping[str, Any],
+    loss: Callable[[Any, Any], Any],
+    data: Any,
+    *,
+    curvature: str = "hessian",
+    apply_kwargs: Mapping[str, Any] | None = None,
+    method: Any = None,
+    chunk_size: int | None = None,
+    dtype: Any = None,
+) -> PytreeOperator:
+    """Curvature of a Flax linen module with respect to its ``params`` collection.
+
+    Parameters
+    ----------
+    module : flax.linen.Module
+        The model, called as ``module.apply(variables, inputs, **apply_kwargs)``.
+    variables : mapping
+        ``{"params": ..., "batch_stats": ..., ...}`` as returned by ``module.init``. Only
+        ``params`` is differentiated; the other collections are passed in unchanged and
+        are immutable, so BatchNorm must run on its stored statistics.
+    loss : callable
+        ``loss(outputs, targets)``: scalar batch mean or per-sample values (averaged).
+    data : batch or iterable of batches
+        Pairs ``(inputs, targets)``; see :func:`jax_backend.hessian`.
+    curvature : {"hessian", "ggn"}
+        The Hessian of the loss, or the generalised Gauss-Newton matrix ``J^T H_L J``.
+    apply_kwargs : mapping, optional
+        Extra keyword arguments for ``module.apply``. Default: inference mode detected
+        from the signature of ``__call__`` (or ``method``): ``train=False``,
+        ``training=False``, ``is_training=False`` and/or ``deterministic=True`` for the
+        flags it accepts. When given, it is used exactly as given.
+    method : callable or str, optional
+        The module method to apply (default ``__call__``).
+    chunk_size, dtype
+        As in :func:`jax_backend.hessian`.
+
+    Returns
+    -------
+    PytreeOperator
+        A :class:`jax_backend.HessianOperator` or :class:`jax_backend.GGNOperator`;
+        ``op.layout`` names are ``"params/<path>"``, ``op.unravel(v)`` returns a
+        ``params`` pytree.
+
+    Examples
+    --------
+    >>> import jax, numpy as np, optax, flax.linen as nn
+    >>> from jax_backend import from_linen
+    >>> model = nn.Dense(3)
+    >>> x, y = np.ones((4, 2), np.float32), np.array([0, 1, 2, 0])
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> op = from_linen(model, variables, optax.softmax_cross_entropy_with_integer_labels, (x, y))
+    >>> op.n, op.layout.names
+    (9, ['params/bias', 'params/kernel'])
+    """
+    import flax
+
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(
+            "from_linen: variables must be the dict returned by module.init, with a 'params' "
+            f"collection; got {type(variables).__name__}"
+            + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else "")
+        )
+    others = {key: value for key, value in variables.items() if key != "params"}
+    if apply_kwargs is None:
+        target = module.__call__ if method is None else method
+        if isinstance(target, str):
+            target = getattr(module, target)
+        kwargs: dict[str, Any] = inference_kwargs(target)
+    else:
+        kwargs = dict(apply_kwargs)
+
+    def apply_fn(params: Any, inputs: Any) -> Any:
+        return module.apply({**others, "params": params}, inputs, method=method, **kwargs)
+
+    try:
+        return _build(
+            curvature,
+            apply_fn,
+            loss,
+            variables["params"],
+            data,
+            chunk_size,
+            dtype,
+            "params/",
+            "from_linen",
+        )
+    except (flax.errors.ModifyScopeVariableError, flax.errors.InvalidRngError) as err:
+        raise ValueError(
+            "from_linen: the module did not run in inference mode (it tried to update a "
+            "collection or asked for an RNG). Pass apply_kwargs, e.g. {'train': False}, so "
+            f"BatchNorm uses its running statistics and Dropout is off. Flax said: {err}"
+        ) from err
+
+
+def from_nnx(
+    model: Any,
+    loss: Callable[[Any, Any], Any],
+    data: Any,
+    *,
+    curvature: str = "hessian",
+    chunk_size: int | None = None,
+    dtype: Any = None,
+) -> PytreeOperator:
+    """Curvature of a Flax nnx model with respect to its ``nnx.Param`` state.
+
+    The model is cloned and the clone put in evaluation mode (``.eval()``: BatchNorm on
+    its running statistics, Dropout off); the user's model is never changed. The clone is
+    split with ``nnx.split(clone, nnx.Param, ...)``; the non-parameter state (batch
+    statistics, RNG state) is held fixed, and each product runs ``nnx.merge`` of the
+    parameters with it inside the compiled function.
+
+    Parameters
+    ----------
+    model : flax.nnx.Module
+        The model, called as ``model(inputs)``.
+    loss : callable
+        ``loss(outputs, targets)``: scalar batch mean or per-sample values (averaged).
+    data : batch or iterable of batches
+        Pairs ``(inputs, targets)``; see :func:`jax_backend.hessian`.
+    curvature : {"hessian", "ggn"}
+        The Hessian of the loss, or the generalised Gauss-Newton matrix.
+    chunk_size, dtype
+        As in :func:`jax_backend.hessian`.
+
+    Returns
+    -------
+    PytreeOperator
+        ``op.layout`` names are the state paths (``"linear/kernel"``);
+        ``op.unravel(v)`` returns a pure dict, usable with ``nnx.replace_by_pure_dict``.
+
+    Examples
+    --------
+    >>> import numpy as np, optax
+    >>> from flax import nnx
+    >>> from jax_backend import from_nnx
+    >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> x, y = np.ones((4, 2), np.float32), np.array([0, 1, 2, 0])
+    >>> op = from_nnx(model, optax.softmax_cross_entropy_with_integer_labels, (x, y))
+    >>> op.n, op.layout.names
+    (9, ['bias', 'kernel'])
+    """
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"from_nnx: model must be a flax.nnx.Module, got {type(model).__name__}")
+    clone = nnx.clone(model)
+    clone.eval()
+    graphdef, param_state, rest = nnx.split(clone, nnx.Param, ...)
+    pure = nnx.to_pure_dict(param_state)
+    state_paths, state_def = jax.tree_util.tree_flatten_with_path(param_state)
+    pure_paths = jax.tree_util.tree_flatten_with_path(pure)[0]
+    state_names = [path_name(p).removesuffix("/value") for p, _ in state_paths]
+    pure_names = [path_name(p) for p, _ in pure_paths]
+    if state_names != pure_names:  # pragma: no cover - guards a Flax internals change
+        raise RuntimeError(
+            f"from_nnx: nnx.State leaf order {state_names} differs from its pure dict "
+            f"{pure_names}; this Flax version is not supported"
+        )
+
+    def apply_fn(params: Any, inputs: Any) -> Any:
+        state = jax.tree_util.tree_unflatten(state_def, jax.tree_util.tree_leaves(params))
+        return nnx.merge(graphdef, state, rest)(inputs)
+
+    return _build(curvature, apply_fn, loss, pure, data, chunk_size, dtype, "", "from_nnx")

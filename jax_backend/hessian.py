@@ -1,0 +1,517 @@
+"""Hessian and GGN operators over JAX pytrees: jitted, vectorised, fixed on their data.
+
+The parameter pytree is flattened with :func:`jax.flatten_util.ravel_pytree`; the operator
+acts on flat jax vectors of length ``n`` (the number of parameters) and keeps the explicit
+parameter map in ``op.layout`` (leaf path names such as ``"params/Dense_0/kernel"`` in
+ravel order). ``op.unravel(flat)`` and ``op.ravel(tree)`` go between the two forms.
+
+A product over the whole data set is one compiled function: for every group of equally
+shaped batches a ``lax.scan`` accumulates the per-batch products, each weighted by
+``batch_size / total_size`` (see :mod:`jax_backend.data`). ``matvec`` is compiled once;
+``matmat`` is ``jax.vmap`` of the same function over columns, compiled once per column
+count (``chunk_size`` columns; a last, smaller chunk is zero-padded so it reuses the
+compiled function).
+
+References
+----------
+B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 6 (1994)
+(Hessian-vector products by forward-over-reverse differentiation).
+N. N. Schraudolph, "Fast curvature matrix-vector products for second-order gradient
+descent", Neural Computation 14 (2002) (the generalised Gauss-Newton product ``J^T H_L J``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from dualhess.operator import Operator, OperatorError, ParamLayout
+
+from .data import Dataset, path_name, prepare_data, x64_enabled
+
+__all__ = [
+    "PytreeOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "hessian",
+    "ggn",
+    "dense_hessian",
+    "reduce_loss",
+    "DEFAULT_DENSE_HESSIAN_LIMIT",
+]
+
+#: Largest number of parameters :func:`dense_hessian` accepts without an explicit ``max_size``
+#: (``jax.hessian`` pushes all ``n`` tangents through the model at once).
+DEFAULT_DENSE_HESSIAN_LIMIT = 2048
+
+
+# ---------------------------------------------------------------------- parameters
+def _resolve_dtype(leaves: list[tuple[str, Any]], dtype: Any, where: str) -> Any:
+    for name, leaf in leaves:
+        kind = np.dtype(leaf.dtype).kind if hasattr(leaf, "dtype") else None
+        if kind != "f" and not (
+            hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+        ):
+            raise TypeError(
+                f"{where}: parameter {name!r} has dtype "
+                f"{getattr(leaf, 'dtype', type(leaf).__name__)}; curvature needs floating-point "
+                "parameters (move integer state out of the parameter pytree)"
+            )
+    if dtype is None:
+        wide = [name for name, leaf in leaves if np.dtype(leaf.dtype) == np.float64]
+        if wide and not x64_enabled():
+            raise TypeError(
+                f"{where}: the parameters are float64 but jax_enable_x64 is off, so JAX would "
+                "silently compute in float32. Enable it first with "
+                "jax.config.update('jax_enable_x64', True), or pass dtype=jnp.float32 "
+                f"(float64 parameters: {wide[:5]})."
+            )
+        dtype = jnp.result_type(*[leaf.dtype for _, leaf in leaves])
+    else:
+        try:
+            np_dtype = np.dtype(dtype)
+        except TypeError as err:
+            raise TypeError(f"{where}: dtype={dtype!r} is not a dtype") from err
+        if not jnp.issubdtype(np_dtype, jnp.floating):
+            raise TypeError(f"{where}: dtype must be a floating dtype, got {np_dtype}")
+        if np_dtype == np.float64 and not x64_enabled():
+            raise TypeError(
+                f"{where}: dtype=float64 was asked for but jax_enable_x64 is off, so JAX would "
+                "silently compute in float32. Call jax.config.update('jax_enable_x64', True) "
+                "at startup (before creating arrays), or set JAX_ENABLE_X64=1."
+            )
+    return jnp.dtype(dtype)
+
+
+def _prepare_params(params: Any, dtype: Any, where: str, prefix: str) -> tuple[Any, ...]:
+    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat_with_path:
+        raise ValueError(f"{where}: the parameter pytree has no leaves")
+    named = [(prefix + path_name(path), leaf) for path, leaf in flat_with_path]
+    named = [(name, leaf if hasattr(leaf, "dtype") else np.asarray(leaf)) for name, leaf in named]
+    dtype = _resolve_dtype(named, dtype, where)
+    leaves = [jnp.asarray(leaf, dtype=dtype) for _, leaf in named]
+    bad = [name for (name, _), leaf in zip(named, leaves) if not bool(jnp.all(jnp.isfinite(leaf)))]
+    if bad:
+        raise ValueError(f"{where}: parameters contain NaN or Inf: {bad}")
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
+    flat, unravel = ravel_pytree(tree)
+    layout = ParamLayout.from_shapes([(name, leaf.shape) for (name, _), leaf in zip(named, leaves)])
+    if layout.size != flat.shape[0]:  # pragma: no cover - ravel_pytree contract
+        raise AssertionError("layout and ravel_pytree disagree")
+    return flat, unravel, treedef, layout, dtype
+
+
+def reduce_loss(value: Any, batch_size: int, where: str = "loss") -> jax.Array:
+    """Reduce a loss to the mean over the batch.
+
+    ``value`` may be a scalar (already the batch mean) or per-sample / per-element values
+    with a leading batch dimension (as ``optax.softmax_cross_entropy_with_integer_labels``
+    returns), which are averaged.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> float(reduce_loss(jnp.array([1.0, 3.0]), 2))
+    2.0
+    """
+    shape = tuple(getattr(value, "shape", ()))
+    if isinstance(value, (tuple, list, dict)):
+        raise ValueError(f"{where} must return an array, got a {type(value).__name__}")
+    if shape == ():
+        return value
+    if shape[0] != batch_size:
+        raise ValueError(
+            f"{where} returned shape {shape}: expected a scalar (the batch mean) or per-sample "
+            f"values with leading dimension batch_size={batch_size}"
+        )
+    return jnp.mean(value)
+
+
+def _batch_size(batch: Any) -> int:
+    return int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+
+
+# ---------------------------------------------------------------------- operator
+class PytreeOperator(Operator):
+    """A curvature operator on the flattened parameters of a pytree, fixed on its data.
+
+    Subclasses provide ``_batch_product(flat_params, batch, v) -> (n,)`` for one batch
+    (the curvature of the batch-mean loss); this class sums batches with weights
+    ``batch_size / total_size`` inside one jitted function and vmaps it over columns.
+
+    Attributes
+    ----------
+    layout : dualhess.ParamLayout
+        Names (leaf paths), shapes and slices of the parameters in the flat vector.
+    params_flat : jax.Array
+        The flat parameter vector the curvature is taken at.
+    dataset : jax_backend.data.Dataset
+        The batches, on the device, grouped by shape.
+    num_traces : int
+        How many times the whole-data-set product has been traced (compiled): one for
+        ``matvec`` plus one per distinct column count of ``matmat``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        data: Any,
+        *,
+        chunk_size: int | None,
+        dtype: Any,
+        where: str,
+        prefix: str = "",
+    ) -> None:
+        flat, unravel, treedef, layout, dtype = _prepare_params(params, dtype, where, prefix)
+        self._where = where
+        self._unravel_fn = unravel
+        self._treedef = treedef
+        self.params_flat = flat
+        self.dataset: Dataset = prepare_data(data, dtype, where)
+        n = int(flat.shape[0])
+        super().__init__((n, n), dtype, like=jnp.zeros((0,), dtype), chunk_size=chunk_size)
+        self.layout = layout
+        self.num_traces = 0
+        self._check_batch_function()
+
+        weights = self.dataset.weights
+        product = self._batch_product
+
+        def total(flat_params: jax.Array, groups: tuple[Any, ...], v: jax.Array) -> jax.Array:
+            self.num_traces += 1  # Python side effect: runs only while tracing
+            acc = jnp.zeros_like(v)
+            for group, weight in zip(groups, weights):
+
+                def body(carry: jax.Array, batch: Any) -> tuple[jax.Array, None]:
+                    return carry + product(flat_params, batch, v), None
+
+                summed, _ = jax.lax.scan(body, jnp.zeros_like(v), group)
+                acc = acc + weight * summed
+            return acc
+
+        self._matvec_jit = jax.jit(total)
+        self._matmat_jit = jax.jit(jax.vmap(total, in_axes=(None, None, 1), out_axes=1))
+
+    # -- to be provided by subclasses
+    def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _check_batch_function(self) -> None:
+        """Trace the per-batch function abstractly on the first batch (shape checks)."""
+        jax.eval_shape(self._batch_product, self.params_flat, self.dataset.first, self.params_flat)
+
+    # -- products
+    def _matvec(self, v: jax.Array) -> jax.Array:
+        return self._matvec_jit(self.params_flat, self.dataset.groups, v)
+
+    def _matmat(self, V: jax.Array) -> jax.Array:
+        k = V.shape[1]
+        width = self.chunk_size
+        if width is not None and k < width:  # pad the last chunk: no second compilation
+            padded = jnp.pad(V, ((0, 0), (0, width - k)))
+            return self._matmat_jit(self.params_flat, self.dataset.groups, padded)[:, :k]
+        return self._matmat_jit(self.params_flat, self.dataset.groups, V)
+
+    # -- pytree helpers
+    @property
+    def params(self) -> Any:
+        """The parameter pytree the curvature is taken at (cast to the operator's dtype)."""
+        return self._unravel_fn(self.params_flat)
+
+    def unravel(self, flat: Any) -> Any:
+        """Turn a flat ``(n,)`` vector into a pytree shaped like the parameters."""
+        shape = tuple(getattr(flat, "shape", ()))
+        if shape != (self.n,):
+            raise OperatorError(f"unravel expects a flat vector of shape ({self.n},), got {shape}")
+        return self._unravel_fn(jnp.asarray(flat, dtype=self.dtype))
+
+    def ravel(self, tree: Any) -> jax.Array:
+        """Turn a pytree shaped like the parameters into a flat ``(n,)`` vector."""
+        treedef = jax.tree_util.tree_structure(tree)
+        if treedef != self._treedef:
+            raise OperatorError(
+                f"ravel expects a pytree with the parameters' structure {self._treedef}, "
+                f"got {treedef}"
+            )
+        leaves = jax.tree_util.tree_leaves(tree)
+        for entry, leaf in zip(self.layout, leaves):
+            if tuple(jnp.shape(leaf)) != entry.shape:
+                raise OperatorError(
+                    f"ravel: leaf {entry.name!r} has shape {tuple(jnp.shape(leaf))}, "
+                    f"expected {entry.shape}"
+                )
+        return jnp.concatenate([jnp.ravel(jnp.asarray(x, dtype=self.dtype)) for x in leaves])
+
+
+class HessianOperator(PytreeOperator):
+    """The Hessian of ``loss_fn`` averaged over the data; see :func:`hessian`."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], Any],
+        params: Any,
+        data: Any,
+        *,
+        chunk_size: int | None = None,
+        dtype: Any = None,
+        prefix: str = "",
+    ) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"hessian: loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        super().__init__(
+            params, data, chunk_size=chunk_size, dtype=dtype, where="hessian", prefix=prefix
+        )
+
+    def _flat_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
+        return self.loss_fn(self._unravel_fn(flat_params), batch)
+
+    def _check_batch_function(self) -> None:
+        out = jax.eval_shape(self._flat_loss, self.params_flat, self.dataset.first)
+        shape = getattr(out, "shape", None)
+        if shape is None:
+            raise ValueError(
+                "hessian: loss_fn(params, batch) must return a scalar array (the mean over the "
+                f"batch), got a {type(out).__name__} (auxiliary outputs are not supported)"
+            )
+        if tuple(shape) != ():
+            raise ValueError(
+                f"hessian: loss_fn(params, batch) must return a scalar (the mean over the "
+                f"batch), got shape {tuple(shape)}; reduce it with jnp.mean"
+            )
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(f"hessian: loss_fn returned dtype {out.dtype}, expected a float")
+        super()._check_batch_function()
+
+    def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
+        grad = jax.grad(self._flat_loss)
+        return jax.jvp(lambda p: grad(p, batch), (flat_params,), (v,))[1]
+
+
+class GGNOperator(PytreeOperator):
+    """The generalised Gauss-Newton matrix ``J^T H_L J`` over the data; see :func:`ggn`."""
+
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, Any], Any],
+        loss: Callable[[Any, Any], Any],
+        params: Any,
+        data: Any,
+        *,
+        chunk_size: int | None = None,
+        dtype: Any = None,
+        prefix: str = "",
+    ) -> None:
+        if not callable(apply_fn) or not callable(loss):
+            raise TypeError("ggn: apply_fn and loss must be callable")
+        self.apply_fn = apply_fn
+        self.loss = loss
+        super().__init__(
+            params, data, chunk_size=chunk_size, dtype=dtype, where="ggn", prefix=prefix
+        )
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                "ggn: every batch must be a pair (inputs, targets); got a "
+                f"{type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        return batch[0], batch[1]
+
+    def _check_batch_function(self) -> None:
+        inputs, targets = self._split(self.dataset.first)
+        size = _batch_size(self.dataset.first)
+
+        def loss_of_params(flat_params: jax.Array) -> jax.Array:
+            outputs = self.apply_fn(self._unravel_fn(flat_params), inputs)
+            return reduce_loss(self.loss(outputs, targets), size, "ggn: loss(outputs, targets)")
+
+        jax.eval_shape(loss_of_params, self.params_flat)
+        super()._check_batch_function()
+
+    def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
+        inputs, targets = self._split(batch)
+        size = _batch_size(batch)
+
+        def outputs_of(p: jax.Array) -> Any:
+            return self.apply_fn(self._unravel_fn(p), inputs)
+
+        def loss_of_outputs(outputs: Any) -> jax.Array:
+            return reduce_loss(self.loss(outputs, targets), size, "ggn: loss(outputs, targets)")
+
+        outputs, jvp_fn = jax.linearize(outputs_of, flat_params)
+        jv = jvp_fn(v)
+        hjv = jax.jvp(jax.grad(loss_of_outputs), (outputs,), (jv,))[1]
+        (jt_hjv,) = jax.linear_transpose(jvp_fn, v)(hjv)
+        return jt_hjv
+
+
+# ---------------------------------------------------------------------- public functions
+def hessian(
+    loss_fn: Callable[[Any, Any], Any],
+    params: Any,
+    data: Any,
+    *,
+    chunk_size: int | None = None,
+    dtype: Any = None,
+) -> HessianOperator:
+    """The Hessian of a loss over a data set, as a :class:`dualhess.Operator` on jax vectors.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``loss_fn(params, batch) -> scalar``: the **mean** loss over the samples of
+        ``batch``. A non-scalar result is an error (reduce per-sample losses with
+        ``jnp.mean``).
+    params : pytree
+        The parameters (any pytree of floating arrays: dicts, lists, Flax ``params``).
+    data : batch or iterable of batches
+        One batch (an array, a tuple such as ``(x, y)``, a dict) or an iterable of
+        batches (a list, a generator); every leaf has a leading batch dimension. The
+        operator is the exact mean over all samples: batches are weighted by size, so an
+        unequal last batch is handled exactly. Batches are kept on the device.
+    chunk_size : int, optional
+        Columns per vectorised call in ``matmat`` (peak memory ``chunk_size`` products).
+    dtype : dtype, optional
+        Computation dtype; default: that of the parameters. ``jnp.float64`` needs
+        ``jax.config.update("jax_enable_x64", True)``; without it this is an error, never
+        a silent float32.
+
+    Returns
+    -------
+    HessianOperator
+        ``op.matvec`` is a jitted forward-over-reverse product (``jax.jvp`` of
+        ``jax.grad``), ``op.matmat`` its ``jax.vmap`` over columns. ``op.layout``,
+        ``op.unravel`` and ``op.ravel`` map between flat vectors and pytrees.
+
+    Raises
+    ------
+    ValueError
+        Non-scalar loss, NaN/Inf in parameters or data, batches of different structure.
+    TypeError
+        Non-floating parameters, float64 without ``jax_enable_x64``.
+
+    References
+    ----------
+    B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 6 (1994).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from jax_backend import hessian
+    >>> x = np.linspace(-1, 1, 8, dtype=np.float32)[:, None]
+    >>> y = 3 * x[:, 0]
+    >>> def loss_fn(p, batch):
+    ...     inputs, targets = batch
+    ...     return jnp.mean((inputs @ p["w"] + p["b"] - targets) ** 2)
+    >>> op = hessian(loss_fn, {"w": jnp.ones(1), "b": jnp.zeros(())}, (x, y))
+    >>> op.shape, op.layout.names
+    ((2, 2), ['b', 'w'])
+    >>> np.asarray(op.to_dense(), dtype=np.float64).round(3).tolist()  # 2 mean([1, x; x, x^2])
+    [[2.0, 0.0], [0.0, 0.857]]
+    """
+    return HessianOperator(loss_fn, params, data, chunk_size=chunk_size, dtype=dtype)
+
+
+def ggn(
+    apply_fn: Callable[[Any, Any], Any],
+    loss: Callable[[Any, Any], Any],
+    params: Any,
+    data: Any,
+    *,
+    chunk_size: int | None = None,
+    dtype: Any = None,
+) -> GGNOperator:
+    """The generalised Gauss-Newton matrix ``G = J^T H_L J`` over a data set.
+
+    ``J`` is the Jacobian of the model outputs with respect to the parameters and ``H_L``
+    the Hessian of the loss with respect to the outputs; ``G`` is positive semi-definite
+    for convex losses (cross-entropy, squared error). Each product is one linearisation
+    (forward), its transpose (reverse) and a Hessian-vector product of the loss in output
+    space.
+
+    Parameters
+    ----------
+    apply_fn : callable
+        ``apply_fn(params, inputs) -> outputs`` (outputs may be any pytree).
+    loss : callable
+        ``loss(outputs, targets)``: a scalar (the batch mean) or per-sample values with a
+        leading batch dimension, which are averaged (so optax losses work directly).
+    params : pytree
+        The parameters.
+    data : batch or iterable of batches
+        Every batch is a pair ``(inputs, targets)``; weighting as in :func:`hessian`.
+    chunk_size, dtype
+        As in :func:`hessian`.
+
+    References
+    ----------
+    N. N. Schraudolph, "Fast curvature matrix-vector products for second-order gradient
+    descent", Neural Computation 14 (2002).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpy as np, optax
+    >>> from jax_backend import ggn
+    >>> x = np.eye(3, dtype=np.float32)
+    >>> y = np.array([0, 1, 2])
+    >>> op = ggn(lambda p, inputs: inputs @ p, optax.softmax_cross_entropy_with_integer_labels,
+    ...          jnp.zeros((3, 3)), (x, y))
+    >>> op.n
+    9
+    >>> bool(jnp.linalg.eigvalsh(op.to_dense()).min() > -1e-6)  # PSD
+    True
+    """
+    return GGNOperator(apply_fn, loss, params, data, chunk_size=chunk_size, dtype=dtype)
+
+
+def dense_hessian(
+    loss_fn: Callable[[Any, Any], Any],
+    params: Any,
+    data: Any,
+    *,
+    max_size: int | None = None,
+    dtype: Any = None,
+) -> jax.Array:
+    """The full ``n x n`` Hessian via :func:`jax.hessian`, for small models and tests.
+
+    Same conventions as :func:`hessian` (batches weighted by size); the flat order is that
+    of ``ravel_pytree(params)``, the same as the operator's.
+
+    Parameters
+    ----------
+    max_size : int, optional
+        Refuse when ``n`` exceeds this (default :data:`DEFAULT_DENSE_HESSIAN_LIMIT`):
+        ``jax.hessian`` pushes ``n`` tangents through the model at once.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from jax_backend import dense_hessian
+    >>> x = np.ones((4, 2), dtype=np.float32)
+    >>> dense_hessian(lambda w, b: jnp.mean((b @ w) ** 2), jnp.ones(2), x).tolist()
+    [[2.0, 2.0], [2.0, 2.0]]
+    """
+    n = sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
+    limit = DEFAULT_DENSE_HESSIAN_LIMIT if max_size is None else int(max_size)
+    if n > limit:
+        raise OperatorError(
+            f"dense_hessian refuses n={n} parameters > max_size={limit}: the matrix needs "
+            f"{8 * n * n / 2**30:.2f} GiB and jax.hessian pushes {n} tangents at once. Use "
+            "hessian(...) with the matrix-free algorithms, or pass max_size= explicitly."
+        )
+    op = HessianOperator(loss_fn, params, data, dtype=dtype)
+    hess = jax.jit(jax.hessian(op._flat_loss))
+    total = jnp.zeros((op.n, op.n), dtype=op.dtype)
+    for batch, weight in op.dataset.batches():
+        total = total + weight * hess(op.params_flat, batch)
+    if not bool(jnp.all(jnp.isfinite(total))):
+        raise OperatorError("dense_hessian: the Hessian contains NaN or Inf")
+    return total

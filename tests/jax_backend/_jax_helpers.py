@@ -1,0 +1,28 @@
+"""Helpers shared by the JAX backend tests (imported by name: no package, no conftest)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+NUM_SAMPLES = 40
+BATCH_SIZE = 16  # -> batches of 16, 16 and an unequal last batch of 8
+
+
+def batches_of(x, y, size=BATCH_SIZE):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def cross_entropy(outputs, targets):
+    """Per-sample optax loss: the adapters average it."""
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+
+
+def mean_cross_entropy(outputs, targets):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, targets))
+
+
+def relative_error(got, expected):
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))

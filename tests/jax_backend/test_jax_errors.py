@@ -1,0 +1,136 @@
+"""Bad input to the JAX backend gives clear errors at construction, never NaN or float32."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _jax_helpers import cross_entropy
+
+import dualhess
+from jax_backend import dense_hessian, from_linen, from_nnx, ggn, hessian
+
+
+def linear_loss(params, batch):
+    x, y = batch
+    return jnp.mean((x @ params["w"] - y) ** 2)
+
+
+@pytest.fixture()
+def setup():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12, 3)), rng.standard_normal(12)
+    return {"w": rng.standard_normal(3)}, x, y
+
+
+def test_non_scalar_loss(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match=r"must return a scalar .*got shape \(12,\)"):
+        hessian(lambda p, b: (b[0] @ p["w"] - b[1]) ** 2, params, (x, y))
+    with pytest.raises(ValueError, match="auxiliary"):
+        hessian(lambda p, b: (linear_loss(p, b), 0.0), params, (x, y))
+
+
+def test_adapter_loss_with_wrong_leading_dimension(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match="batch_size=12"):
+        ggn(lambda p, inputs: inputs @ p["w"], lambda o, t: (o - t)[:3] ** 2, params, (x, y))
+
+
+def test_nan_parameters(setup):
+    params, x, y = setup
+    params["w"][1] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or Inf: \['w'\]"):
+        hessian(linear_loss, params, (x, y))
+
+
+def test_nan_data(setup):
+    params, x, y = setup
+    x[3, 0] = np.inf
+    with pytest.raises(ValueError, match="batch 0 contains NaN or Inf"):
+        hessian(linear_loss, params, (x, y))
+
+
+def test_batch_structure_differs_from_first(setup):
+    params, x, y = setup
+    batches = [(x[:6], y[:6]), {"x": x[6:], "y": y[6:]}]
+    with pytest.raises(ValueError, match="batch 1 has pytree structure"):
+        hessian(linear_loss, params, batches)
+    with pytest.raises(ValueError, match="per-sample shape"):
+        hessian(linear_loss, params, [(x[:6], y[:6]), (x[6:, :2], y[6:])])
+
+
+def test_inconsistent_batch_dimension_hints_at_lists(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match="pass a list for several batches"):
+        hessian(linear_loss, params, (x, y[:5]))
+
+
+def test_empty_data_and_non_float_params(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match="no batches"):
+        hessian(linear_loss, params, [])
+    with pytest.raises(ValueError, match="empty"):
+        hessian(linear_loss, params, (x[:0], y[:0]))
+    with pytest.raises(TypeError, match="floating-point"):
+        hessian(linear_loss, {"w": np.arange(3)}, (x, y))
+    with pytest.raises(TypeError, match="floating"):
+        hessian(linear_loss, params, (x, y), dtype=jnp.int32)
+
+
+def test_dense_hessian_refuses_large_models(setup):
+    _, x, y = setup
+    with pytest.raises(dualhess.OperatorError, match="refuses n=3000"):
+        dense_hessian(linear_loss, {"w": np.zeros(3000)}, (np.zeros((2, 3000)), np.zeros(2)))
+
+
+def test_adapters_reject_bad_models(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match="'params' collection"):
+        from_linen(object(), {"batch_stats": {}}, cross_entropy, (x, y))
+    with pytest.raises(TypeError, match="nnx.Module"):
+        from_nnx(object(), cross_entropy, (x, y))
+    with pytest.raises(ValueError, match="curvature"):
+        from_nnx(_tiny_nnx(), cross_entropy, (x, y), curvature="fisher")
+
+
+def _tiny_nnx():
+    from flax import nnx
+
+    return nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+
+def test_float64_without_x64_is_an_error_never_silent_float32():
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax_backend import hessian
+        assert not jax.config.read("jax_enable_x64")
+        loss = lambda p, x: jnp.mean((x @ p) ** 2)
+        x32 = np.ones((4, 3), np.float32)
+        for params, kwargs in [(np.ones(3, np.float32), {"dtype": jnp.float64}),
+                               (np.ones(3, np.float64), {})]:
+            try:
+                hessian(loss, params, x32, **kwargs)
+            except TypeError as err:
+                assert "jax_enable_x64" in str(err), err
+                print("refused")
+            else:
+                print("accepted")
+        op = hessian(loss, np.ones(3, np.float64), x32, dtype=jnp.float32)  # explicit: fine
+        print(op.dtype)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "JAX_ENABLE_X64": "0", "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["refused", "refused", "float32"]

@@ -1,0 +1,191 @@
+"""Flax adapters against dense Hessians of hand-written forward passes (float64, digits).
+
+Each reference re-implements the model's forward pass with jax.numpy / lax on the
+parameter dict, so a mistake in the adapters (wrong collection, wrong order, training-mode
+BatchNorm) shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _jax_helpers import batches_of, cross_entropy, mean_cross_entropy, relative_error
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from jax_backend import from_linen, from_nnx, ggn
+from jax_backend.examples import linen_model, nnx_model
+
+F64 = jnp.float64
+BN_EPS = 1e-5  # Flax's BatchNorm default
+
+
+def dense_layer(p, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def conv_layer(p, x):
+    out = jax.lax.conv_general_dilated(
+        x, p["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return out + p["bias"]
+
+
+def mlp_forward(first, second, norm=None, stats=None):
+    def forward(p, x):
+        h = dense_layer(p[first], x)
+        if norm is not None:
+            h = (h - stats["mean"]) / jnp.sqrt(stats["var"] + BN_EPS)
+            h = h * p[norm]["scale"] + p[norm]["bias"]
+        return dense_layer(p[second], jnp.tanh(h))
+
+    return forward
+
+
+def cnn_forward(conv, dense):
+    def forward(p, x):
+        h = jnp.tanh(conv_layer(p[conv], x))
+        return dense_layer(p[dense], h.reshape(h.shape[0], -1))
+
+    return forward
+
+
+def reference_hessian(forward, params, x, y):
+    """jax.hessian of the mean loss over all samples at once (one batch)."""
+    flat, unravel = ravel_pytree(params)
+    return flat, np.asarray(
+        jax.jit(jax.hessian(lambda w: mean_cross_entropy(forward(unravel(w), x), y)))(flat)
+    )
+
+
+def reference_ggn(forward, params, x, y):
+    """J^T H_L J with J = d outputs / d params and H_L = d^2 loss / d outputs^2 (dense)."""
+    flat, unravel = ravel_pytree(params)
+    outputs = forward(params, x)
+    jac = jax.jit(jax.jacobian(lambda w: forward(unravel(w), x)))(flat)
+    jac = jac.reshape(outputs.size, -1)
+    h_out = jax.jit(jax.hessian(lambda o: mean_cross_entropy(o.reshape(outputs.shape), y)))(
+        outputs.reshape(-1)
+    )
+    return np.asarray(jac.T @ h_out @ jac)
+
+
+def pure_params(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def check_operator(op, flat, dense, names):
+    assert op.layout.names == names
+    np.testing.assert_array_equal(np.asarray(op.params_flat), np.asarray(flat))
+    for v in np.random.default_rng(0).standard_normal((2, op.n)):
+        assert relative_error(op.matvec(op.asarray(v)), dense @ v) <= 1e-10
+
+
+@pytest.fixture(scope="module")
+def linen_mlp():
+    return linen_model("mlp", param_dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def nnx_cnn():
+    return nnx_model("cnn", param_dtype=F64)
+
+
+def test_linen_mlp_matches_dense_hessian(digits_flat, linen_mlp):
+    x, y = digits_flat
+    module, variables = linen_mlp
+    flat, dense = reference_hessian(mlp_forward("Dense_0", "Dense_1"), variables["params"], x, y)
+    op = from_linen(module, variables, cross_entropy, batches_of(x, y))
+    names = [f"params/Dense_{i}/{leaf}" for i in (0, 1) for leaf in ("bias", "kernel")]
+    check_operator(op, flat, dense, names)
+
+
+def test_linen_cnn_matches_dense_hessian(digits_image):
+    x, y = digits_image
+    module, variables = linen_model("cnn", param_dtype=F64)
+    flat, dense = reference_hessian(cnn_forward("Conv_0", "Dense_0"), variables["params"], x, y)
+    op = from_linen(module, variables, cross_entropy, batches_of(x, y))
+    names = ["params/Conv_0/bias", "params/Conv_0/kernel", "params/Dense_0/bias"]
+    check_operator(op, flat, dense, [*names, "params/Dense_0/kernel"])
+
+
+def test_nnx_mlp_matches_dense_hessian(digits_flat):
+    x, y = digits_flat
+    model = nnx_model("mlp", param_dtype=F64)
+    params = pure_params(model)
+    flat, dense = reference_hessian(mlp_forward("linear1", "linear2"), params, x, y)
+    op = from_nnx(model, cross_entropy, batches_of(x, y))
+    names = [f"linear{i}/{leaf}" for i in (1, 2) for leaf in ("bias", "kernel")]
+    check_operator(op, flat, dense, names)
+
+
+def test_nnx_cnn_matches_dense_hessian(digits_image, nnx_cnn):
+    x, y = digits_image
+    model = nnx_cnn
+    flat, dense = reference_hessian(cnn_forward("conv", "linear"), pure_params(model), x, y)
+    op = from_nnx(model, cross_entropy, batches_of(x, y))
+    check_operator(op, flat, dense, ["conv/bias", "conv/kernel", "linear/bias", "linear/kernel"])
+
+
+def test_linen_batchnorm_runs_in_inference_mode(digits_flat):
+    x, y = digits_flat
+    module, variables = linen_model("mlp", param_dtype=F64, batch_norm=True)
+    _, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = {"params": variables["params"], **updates}  # non-trivial running statistics
+    stats = variables["batch_stats"]["BatchNorm_0"]
+    assert float(jnp.max(jnp.abs(stats["mean"]))) > 1e-3
+    forward = mlp_forward("Dense_0", "Dense_1", norm="BatchNorm_0", stats=stats)
+    flat, dense = reference_hessian(forward, variables["params"], x, y)
+    op = from_linen(module, variables, cross_entropy, batches_of(x, y))  # train=False detected
+    names = ["params/BatchNorm_0/bias", "params/BatchNorm_0/scale"]
+    names += [f"params/Dense_{i}/{leaf}" for i in (0, 1) for leaf in ("bias", "kernel")]
+    check_operator(op, flat, dense, names)
+    explicit = from_linen(module, variables, cross_entropy, (x, y), apply_kwargs={"train": False})
+    v = op.asarray(np.random.default_rng(1).standard_normal(op.n))
+    assert relative_error(explicit.matvec(v), op.matvec(v)) <= 1e-12
+    with pytest.raises(ValueError, match="apply_kwargs"):
+        from_linen(module, variables, cross_entropy, (x, y), apply_kwargs={"train": True})
+
+
+def test_nnx_batchnorm_eval_on_a_copy_leaves_the_model_alone(digits_flat):
+    x, y = digits_flat
+    model = nnx_model("mlp", param_dtype=F64, batch_norm=True)
+    model.train()
+    model(jnp.asarray(x))  # updates the running statistics (momentum 0.99)
+    stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))["norm"]
+    before = jax.tree_util.tree_map(np.array, nnx.to_pure_dict(nnx.state(model)))
+    params = pure_params(model)
+    forward = mlp_forward("linear1", "linear2", norm="norm", stats=stats)
+    flat, dense = reference_hessian(forward, params, x, y)
+    op = from_nnx(model, cross_entropy, batches_of(x, y))
+    names = [f"linear{i}/{leaf}" for i in (1, 2) for leaf in ("bias", "kernel")]
+    check_operator(op, flat, dense, [*names, "norm/bias", "norm/scale"])
+    assert model.norm.use_running_average is False  # still in training mode
+    after = jax.tree_util.tree_map(np.array, nnx.to_pure_dict(nnx.state(model)))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+
+def test_linen_ggn_matches_dense_jt_hl_j(digits_flat, linen_mlp):
+    x, y = digits_flat
+    module, variables = linen_mlp
+    dense = reference_ggn(mlp_forward("Dense_0", "Dense_1"), variables["params"], x, y)
+    op = from_linen(module, variables, cross_entropy, batches_of(x, y), curvature="ggn")
+    V = np.random.default_rng(2).standard_normal((op.n, 4))
+    assert relative_error(op.matmat(op.asarray(V)), dense @ V) <= 1e-10
+    assert np.linalg.eigvalsh(dense).min() >= -1e-12 * np.abs(dense).max()  # PSD reference
+
+
+def test_ggn_on_pytree_matches_dense_jt_hl_j(digits_image, nnx_cnn):
+    x, y = digits_image
+    model = nnx_cnn
+    params = pure_params(model)
+    forward = cnn_forward("conv", "linear")
+    dense = reference_ggn(forward, params, x, y)
+    op = ggn(forward, mean_cross_entropy, params, batches_of(x, y), chunk_size=3)
+    V = np.random.default_rng(3).standard_normal((op.n, 4))
+    assert relative_error(op.matmat(op.asarray(V)), dense @ V) <= 1e-10
+    # the nnx adapter gives the same GGN
+    op_nnx = from_nnx(model, cross_entropy, (x, y), curvature="ggn")
+    assert relative_error(op_nnx.matvec(op_nnx.asarray(V[:, 0])), dense @ V[:, 0]) <= 1e-10
