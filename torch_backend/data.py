@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .distributed import active_group, all_reduce_scalar
+
 __all__ = ["Batch", "Problem", "resolve_reduction", "is_single_batch"]
 
 Batch = tuple[Any, Any]
@@ -160,7 +162,14 @@ class Problem:
         self._data = data
         sizes, prints = self._scan()
         self.batch_sizes = sizes
-        self.num_samples = sum(sizes)
+        self.local_num_samples = sum(sizes)
+        # Under torch.distributed, data is this rank's shard: N is the sum over ranks.
+        self.group = active_group()
+        self.num_samples = int(
+            round(all_reduce_scalar(float(self.local_num_samples), self.group, torch.float64, device))
+        )
+        if self.num_samples == 0:
+            raise ValueError("the data are empty: no rank holds any samples")
         if check_deterministic and not self.single:
             _, prints2 = self._scan(sizes_only=True)
             if prints2 != prints:
@@ -208,7 +217,7 @@ class Problem:
                 self._check_leaf(targets, "targets")
             sizes.append(_batch_size(inputs, targets))
             prints.append(_fingerprint(inputs, targets))
-        if not sizes or sum(sizes) == 0:
+        if (not sizes or sum(sizes) == 0) and active_group() is None:
             raise ValueError("the data are empty: the loader yielded no samples")
         return sizes, prints
 
@@ -275,4 +284,4 @@ class Problem:
                         "NaN/Inf and the loss for log(0) or overflow"
                     )
                 total += weight * value
-        return total
+        return all_reduce_scalar(total, self.group, torch.float64, self.device)

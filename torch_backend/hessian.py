@@ -12,6 +12,7 @@ import torch
 import dualhess
 
 from .data import Problem, resolve_reduction
+from .distributed import all_reduce_sum, unwrap_ddp
 from .engines import ENGINES
 from .params import ParamSpec, check_model_mode, prepare_model, select_params
 
@@ -33,6 +34,7 @@ def build_problem(
 ) -> tuple[Problem, dualhess.ParamLayout, dict, dict]:
     """Shared construction of every torch curvature operator (see :func:`hessian`)."""
     reduction = resolve_reduction(loss_fn, reduction)
+    model = unwrap_ddp(model)
     work, dtype_, device_, converted = prepare_model(model, dtype, device)
     check_model_mode(work)
     layout, selected, fixed = select_params(work, params)
@@ -48,6 +50,13 @@ def build_problem(
     )
     problem.loss_value = problem.total_loss({**fixed, **selected})
     return problem, layout, selected, fixed
+
+
+def _reduced(local: Callable[..., torch.Tensor], group: Any) -> Callable[..., torch.Tensor]:
+    def reduced(*args: Any) -> torch.Tensor:
+        return all_reduce_sum(local(*args).contiguous(), group)
+
+    return reduced
 
 
 class TorchCurvatureOperator(dualhess.Operator):
@@ -85,6 +94,21 @@ class TorchCurvatureOperator(dualhess.Operator):
             like=torch.zeros(0, dtype=problem.dtype, device=problem.device),
             chunk_size=chunk_size,
         )
+        if problem.group is not None:
+            self._reduce_over_ranks(problem.group)
+
+    def _reduce_over_ranks(self, group: Any) -> None:
+        """Under torch.distributed: every product (and exact diagonal) is summed over ranks.
+
+        The subclass's own local products are wrapped on the instance, so each rank computes
+        its shard's weighted contribution and ``all_reduce`` makes the whole-data-set result.
+        """
+        cls = type(self)
+        for name in ("_matvec", "_matmat", "exact_diagonal"):
+            if getattr(cls, name) is getattr(dualhess.Operator, name):
+                continue  # inherited default: it calls a wrapped method already
+
+            setattr(self, name, _reduced(getattr(self, name), group))
 
     @property
     def loss(self) -> float:
