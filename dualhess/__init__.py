@@ -21,7 +21,7 @@ from .checkpoint import CheckpointMismatchError
 from .crosscheck import CrosscheckReport, crosscheck
 from .density import density
 from .diagonal import diagonal
-from .eigsh import eigsh
+from .eigsh import NotConvergedWarning, eigsh
 from .lanczos import lanczos
 from .operator import (
     DenseOperator,
@@ -70,4 +70,5 @@ __all__ = [
     "CrosscheckReport",
     "PerLayerSpectra",
     "CheckpointMismatchError",
+    "NotConvergedWarning",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_extra as xpx
 import numpy as np
 
 from ._array import array_namespace, default_rng, device, to_numpy
@@ -84,10 +85,10 @@ def lanczos(
     Examples
     --------
     >>> import numpy as np, dualhess
-    >>> op = dualhess.DenseOperator(np.diag(np.arange(1.0, 101.0)))
+    >>> op = dualhess.DenseOperator(np.diag(np.r_[np.linspace(0.0, 1.0, 99), 10.0]))
     >>> T = dualhess.lanczos(op, 30, seed=0)
-    >>> float(np.linalg.eigvalsh(T.matrix()).max())  # doctest: +ELLIPSIS
-    100.0...
+    >>> round(float(np.linalg.eigvalsh(T.matrix()).max()), 10)
+    10.0
     """
     op = check_operator(op, "lanczos")
     m = check_positive_int(num_steps, "num_steps", "lanczos")
@@ -108,7 +109,15 @@ def lanczos(
     beta = np.zeros((p, max(m - 1, 0)))
     steps = np.full(p, m, dtype=int)
     active = np.ones(p, dtype=bool)
-    basis: list[Any] = [Q]
+    # Without reorthogonalisation the vectors are kept only when asked for.
+    basis: list[Any] | None = [Q] if return_basis and not reorthogonalize else None
+    # The Lanczos vectors of each probe side by side, preallocated at their final shape
+    # (p, n, m) so that every step runs on the same shapes (jax compiles once per shape);
+    # the zero columns not yet filled do not change the reorthogonalisation.
+    stacked = None
+    if reorthogonalize:
+        stacked = xp.zeros((p, op.n, m), dtype=Q.dtype, device=device(Q))
+        stacked = xpx.at(stacked)[:, :, 0].set(xp.permute_dims(Q, (1, 0)))
     Q_prev = None
     beta_prev = None
     eps = float(np.finfo(np.float32 if "32" in str(op.dtype) else np.float64).eps)
@@ -122,11 +131,12 @@ def lanczos(
             W = W - Q * a
             if Q_prev is not None:
                 W = W - Q_prev * beta_prev
-            if reorthogonalize and j > 0:
-                stacked = xp.stack(basis, axis=0)  # (j+1, n, p)
+            if reorthogonalize:
+                Wt = xp.permute_dims(W, (1, 0))[:, :, None]  # (p, n, 1)
                 for _ in range(2):  # "twice is enough"
-                    coeff = xp.sum(stacked * W[None, ...], axis=1)  # (j+1, p)
-                    W = W - xp.sum(stacked * coeff[:, None, :], axis=0)
+                    coeff = xp.matmul(xp.permute_dims(stacked, (0, 2, 1)), Wt)  # (p, m, 1)
+                    Wt = Wt - xp.matmul(stacked, coeff)
+                W = xp.permute_dims(Wt[:, :, 0], (1, 0))
             a_np = to_numpy(a).astype(np.float64)
             alpha[active, j] = a_np[active]
             bar.update(1)
@@ -147,17 +157,21 @@ def lanczos(
             mask = op.asarray(active.astype(np.float64))
             Q_prev, beta_prev = Q, b
             Q = W / op.asarray(safe) * mask
-            basis.append(Q)
+            if basis is not None:
+                basis.append(Q)
+            if reorthogonalize:
+                stacked = xpx.at(stacked)[:, :, j + 1].set(xp.permute_dims(Q, (1, 0)))
     finally:
         bar.close()
 
     basis_out = None
     if return_basis:
-        stacked = xp.stack(basis, axis=-1)  # (n, p, steps_done)
+        if basis is not None:
+            stacked = xp.permute_dims(xp.stack(basis, axis=-1), (1, 0, 2))  # (p, n, steps)
         if stacked.shape[-1] < m:  # pad with zero columns after an early global stop
-            pad = xp.zeros((op.n, p, m - stacked.shape[-1]), dtype=stacked.dtype, device=device(stacked))
+            pad = xp.zeros((p, op.n, m - stacked.shape[-1]), dtype=stacked.dtype, device=device(stacked))
             stacked = xp.concat([stacked, pad], axis=-1)
-        basis_out = xp.permute_dims(stacked, (1, 0, 2))  # (p, n, m)
+        basis_out = stacked  # (p, n, m)
         if p == 1:
             basis_out = basis_out[0]
     batched = p > 1 or (start is not None and len(getattr(start, "shape", (0,))) == 2)

@@ -1,0 +1,438 @@
+"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
+
+The basis is bounded (``max_basis`` expanded vectors). At a restart the wanted Ritz
+vectors and their neighbours are kept ("thick restart") together with the residual
+direction, so the method keeps the convergence history of the discarded Krylov space
+(Wu & Simon 2000; the bookkeeping is Stewart's Krylov decomposition, 2001). Every new
+vector is reorthogonalised twice against the whole basis, and the small Rayleigh-Ritz
+problems are solved in numpy float64 on the host.
+
+A Krylov space grown from one vector holds a single copy of each repeated eigenvalue.
+Once the wanted pairs have converged, eigsh therefore grows a short Lanczos chain from a
+fresh random vector orthogonal to the basis; if that chain turns up a wanted Ritz value
+the basis had missed (another copy of a repeated eigenvalue, or an eigenvalue whose
+eigenvector the start vector barely touched), the iteration goes on and checks again.
+
+References
+----------
+K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue
+problems", SIAM J. Matrix Anal. Appl. 22(2), 602-616 (2000).
+G. W. Stewart, "A Krylov-Schur algorithm for large eigenproblems", SIAM J. Matrix Anal.
+Appl. 23(3), 601-614 (2001).
+R. B. Lehoucq, D. C. Sorensen, C. Yang, *ARPACK Users' Guide*, SIAM (1998) (the
+``which`` conventions).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import array_api_extra as xpx
+import numpy as np
+
+from ._array import array_namespace, default_rng, device, to_numpy
+from ._util import check_operator, progress_bar
+from .operator import Operator, OperatorError
+from .results import Eigen
+
+__all__ = ["eigsh", "NotConvergedWarning"]
+
+_WHICH = ("LA", "SA", "LM", "BE")
+
+#: Lanczos steps spent on a fresh random vector to look for missed eigenvalues.
+_CHECK_STEPS = 4
+
+
+class NotConvergedWarning(RuntimeWarning):
+    """An iterative method stopped at its budget before reaching its tolerance."""
+
+
+def _select(theta: np.ndarray, count: int, which: str) -> np.ndarray:
+    """Indices of the ``count`` wanted values of ``theta``, in the documented output order."""
+    count = min(count, len(theta))
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")[:count]
+    if which == "SA":
+        return np.argsort(theta, kind="stable")[:count]
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")[:count]
+    # BE: half from each end, one more from the high end when count is odd (ARPACK).
+    order = np.argsort(theta, kind="stable")
+    high = count - count // 2
+    low = count // 2
+    idx = np.concatenate([order[:low], order[len(order) - high :]])
+    return idx[np.argsort(theta[idx], kind="stable")]
+
+
+def _eps(op: Operator) -> float:
+    name = str(op.dtype)
+    if "float16" in name or "bfloat16" in name:
+        return float(np.finfo(np.float16).eps)
+    if "32" in name:
+        return float(np.finfo(np.float32).eps)
+    return float(np.finfo(np.float64).eps)
+
+
+class _Krylov:
+    """A Krylov decomposition ``A V[:, E] = V G[:, E]`` with an orthonormal basis ``V``.
+
+    ``E`` are the expanded columns (``A`` has been applied to them); the others are
+    unexpanded directions (the residual of the Lanczos relation, or fresh random vectors).
+    ``G[i, j] = v_i^T A v_j`` for expanded ``j``; the rows of unexpanded ``i`` are the
+    couplings that make up the residuals of the Ritz pairs.
+    """
+
+    def __init__(self, op: Operator, rng: np.random.Generator, eps: float, capacity: int) -> None:
+        self.op = op
+        self.rng = rng
+        self.eps = eps
+        # V is preallocated with ``capacity`` columns (zero beyond ``size``) so that every
+        # step runs on the same array shapes: jax compiles once per shape.
+        self.capacity = min(capacity, op.n)
+        self.V: Any = None
+        self.xp: Any = None
+        self.G = np.zeros((0, 0))
+        self.expanded = np.zeros(0, dtype=bool)
+        self.scale = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def num_expanded(self) -> int:
+        return int(self.expanded.sum())
+
+    def _orthogonalize(self, w: Any) -> tuple[Any, np.ndarray]:
+        """Classical Gram-Schmidt twice ("twice is enough") against the whole basis."""
+        if self.V is None:
+            return w, np.zeros(0)
+        total = np.zeros(self.capacity)
+        for _ in range(2):
+            h = self.V.T @ w
+            w = w - self.V @ h
+            total += to_numpy(h).astype(np.float64)
+        return w, total[: self.size]
+
+    def _append(self, v: Any) -> None:
+        xp = self.xp
+        if self.V is None:
+            self.V = xp.zeros((self.op.n, self.capacity), dtype=v.dtype, device=device(v))
+        if self.size == self.capacity:  # rare: each search for missed eigenvalues adds one
+            grow = min(4, self.op.n - self.capacity)
+            extra = xp.zeros((self.op.n, grow), dtype=v.dtype, device=device(v))
+            self.V = xp.concat([self.V, extra], axis=1)
+            self.capacity += grow
+        self.V = xpx.at(self.V)[:, self.size].set(v)
+        size = self.size + 1
+        G = np.zeros((size, size))
+        G[: size - 1, : size - 1] = self.G
+        self.G = G
+        self.expanded = np.append(self.expanded, False)
+
+    def add_random(self) -> bool:
+        """Append a random unit vector orthogonal to the basis; False when the space is full."""
+        n = self.op.n
+        if self.size >= n:
+            return False
+        for _ in range(3):
+            z = self.op.asarray(self.rng.standard_normal(n))
+            if self.xp is None:
+                self.xp = array_namespace(z)
+            z0 = float(self.xp.linalg.vector_norm(z))
+            z, _ = self._orthogonalize(z)
+            norm = float(self.xp.linalg.vector_norm(z))
+            if norm > 1e-3 * math.sqrt(self.eps) * z0 or self.size == 0:
+                # A second pass after normalising keeps a small remainder orthogonal.
+                z = z / norm
+                if self.size:
+                    z, _ = self._orthogonalize(z)
+                    z = z / self.xp.linalg.vector_norm(z)
+                self._append(z)
+                return True
+        return False
+
+    def mix_unexpanded(self) -> None:
+        """Rotate the unexpanded directions by a random orthogonal matrix.
+
+        The last unexpanded column becomes a random mix of all of them, so a Lanczos chain
+        grown from it explores every direction the basis has not expanded yet.
+        """
+        U = np.flatnonzero(~self.expanded)
+        if len(U) < 2:
+            return
+        rotation, _ = np.linalg.qr(self.rng.standard_normal((len(U), len(U))))
+        M = np.eye(self.capacity)
+        M[np.ix_(U, U)] = rotation
+        self.V = self.V @ self.op.asarray(M)
+        self.G[U, :] = rotation.T @ self.G[U, :]
+
+    def expand(self, j: int) -> None:
+        """Apply the operator to column ``j`` and append the new orthonormal direction."""
+        op, xp = self.op, self.xp
+        w = op.matvec(self.V[:, j])
+        size_before = self.size
+        norm_in = float(xp.linalg.vector_norm(w))
+        w, h = self._orthogonalize(w)
+        beta = float(xp.linalg.vector_norm(w))
+        if not (np.all(np.isfinite(h)) and math.isfinite(beta) and math.isfinite(norm_in)):
+            raise OperatorError(
+                f"eigsh: the operator produced NaN or Inf ({type(op).__name__}); check the "
+                "parameters, the data and the loss for non-finite values"
+            )
+        self.scale = max(self.scale, float(np.max(np.abs(h), initial=0.0)), norm_in)
+        self.expanded[j] = True
+        # Invariant subspace (breakdown): the new direction is rounding noise. Drop it and
+        # continue from a random vector orthogonal to the basis, uncoupled (G entry 0).
+        if beta > 100 * self.eps * max(norm_in, self.scale):
+            self._append(w / beta)
+            self.G[size_before, j] = beta
+        else:
+            self.add_random()
+        self.G[:size_before, j] = h
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values, coefficient vectors (in expanded-column space) and residual norms."""
+        E = np.flatnonzero(self.expanded)
+        B = self.G[np.ix_(E, E)]
+        theta, Y = np.linalg.eigh((B + B.T) / 2)
+        # Residual coefficients of A V_E y - theta V_E y in the basis V (exact relation).
+        R = self.G[:, E] @ Y
+        R[E, :] -= Y * theta
+        return theta, Y, np.linalg.norm(R, axis=0)
+
+    def restart(self, keep: np.ndarray, Y: np.ndarray, theta: np.ndarray) -> None:
+        """Keep the Ritz vectors ``V_E Y[:, keep]`` and every unexpanded direction."""
+        E = np.flatnonzero(self.expanded)
+        U = np.flatnonzero(~self.expanded)
+        kept, p = len(keep), len(U)
+        M = np.zeros((self.capacity, self.capacity))
+        M[E, :kept] = Y[:, keep]
+        M[U, np.arange(kept, kept + p)] = 1.0
+        self.V = self.V @ self.op.asarray(M)
+        G = np.zeros((kept + p, kept + p))
+        G[:kept, :kept] = np.diag(theta[keep])
+        G[kept:, :kept] = self.G[np.ix_(U, E)] @ Y[:, keep]
+        self.G = G
+        self.expanded = np.arange(kept + p) < kept
+
+    def vectors(self, Y: np.ndarray) -> Any:
+        E = np.flatnonzero(self.expanded)
+        M = np.zeros((self.capacity, Y.shape[1]))
+        M[E, :] = Y
+        return self.V @ self.op.asarray(M)
+
+
+def eigsh(
+    op: Operator,
+    k: int = 6,
+    *,
+    which: str = "LA",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    max_basis: int | None = None,
+    seed: Any = None,
+    return_vectors: bool = True,
+    progress: bool = False,
+) -> Eigen:
+    """Find ``k`` extreme eigenpairs of a symmetric operator (thick-restart Lanczos).
+
+    Parameters
+    ----------
+    op : Operator
+        A symmetric ``n x n`` operator (a plain 2-D array is wrapped in a
+        :class:`~dualhess.DenseOperator`).
+    k : int
+        Number of eigenpairs, ``0 < k < n``.
+    which : {'LA', 'SA', 'LM', 'BE'}
+        ``'LA'`` largest algebraic, ``'SA'`` smallest algebraic, ``'LM'`` largest in
+        magnitude, ``'BE'`` both ends: ``k // 2`` from the low end and the rest (one more
+        when ``k`` is odd) from the high end, as in ARPACK.
+    tol : float
+        A pair ``(lambda, v)`` has converged when ``||H v - lambda v|| <= tol * max|theta|``,
+        with ``max|theta|`` the largest Ritz value in magnitude (an estimate of ``||H||``).
+        ``tol`` is raised to ten times the machine epsilon of the operator's dtype.
+    max_matvecs : int, optional
+        Budget of operator products (default ``100 * max_basis``). When it runs out the
+        current pairs are returned with ``converged`` False where they have not converged,
+        and a :class:`NotConvergedWarning` is issued.
+    max_basis : int, optional
+        Largest number of Lanczos vectors kept (ARPACK's ``ncv``); default
+        ``min(n, max(2 k + 1, 20))``. Must be larger than ``k``.
+    seed : int, numpy.random.Generator or None
+        Randomness for the start vector (drawn in numpy float64, so numpy, torch and jax see
+        the same vector).
+    return_vectors : bool
+        Return the eigenvectors (default True).
+    progress : bool
+        Show a progress bar over ``max_matvecs``.
+
+    Returns
+    -------
+    Eigen
+        ``values`` in this order: ``'LA'`` descending, ``'SA'`` ascending, ``'LM'`` by
+        ``|lambda|`` descending, ``'BE'`` ascending; ``vectors`` a native ``(n, k)`` array on
+        the operator's device (None unless ``return_vectors``); ``residuals``
+        ``||H v - lambda v||`` from the Krylov relation (equal to recomputed ones up to
+        rounding); ``converged``; ``num_matvecs`` spent.
+
+    Raises
+    ------
+    ValueError
+        For ``k <= 0``, ``k >= n``, an unknown ``which``, a negative ``tol`` or a bad
+        ``max_basis``.
+    OperatorError
+        When the operator produces NaN or Inf.
+
+    Notes
+    -----
+    Each new Lanczos vector is orthogonalised twice against the whole basis, so there are
+    no spurious copies of converged eigenvalues. At a restart the ``k + (max_basis - k) // 2``
+    best Ritz vectors are kept. Breakdown (an invariant subspace) continues from a random
+    vector orthogonal to the basis. After convergence a few Lanczos steps from a fresh
+    random vector look for eigenvalues the basis missed (copies of repeated eigenvalues).
+
+    References
+    ----------
+    K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue
+    problems", SIAM J. Matrix Anal. Appl. 22(2), 602-616 (2000).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dualhess import DenseOperator
+    >>> from dualhess.eigsh import eigsh
+    >>> op = DenseOperator(np.diag([4.0, 3.0, 2.0, 1.0, -5.0]))
+    >>> np.round(eigsh(op, k=2, seed=0).values, 8)
+    array([4., 3.])
+    >>> np.round(eigsh(op, k=1, which="LM", seed=0).values, 8)
+    array([-5.])
+    """
+    op = check_operator(op, "eigsh")
+    n = op.n
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"eigsh: k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"eigsh: k must be positive, got k={k}")
+    if k >= n:
+        raise ValueError(
+            f"eigsh: k must be < n (got k={k}, n={n}); for all eigenvalues use a dense "
+            "eigensolver on op.to_dense()"
+        )
+    if which not in _WHICH:
+        raise ValueError(f"eigsh: which must be one of {_WHICH}, got {which!r}")
+    tol = float(tol)
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"eigsh: tol must be a finite number >= 0, got {tol}")
+    if max_basis is None:
+        m = min(n, max(2 * k + 1, 20))
+    else:
+        if isinstance(max_basis, bool) or not isinstance(max_basis, (int, np.integer)):
+            raise TypeError(f"eigsh: max_basis must be an int, got {type(max_basis).__name__}")
+        if max_basis <= k:
+            raise ValueError(f"eigsh: max_basis must be > k (got max_basis={max_basis}, k={k})")
+        m = min(int(max_basis), n)
+    if max_matvecs is None:
+        budget = 100 * m
+    else:
+        if isinstance(max_matvecs, bool) or not isinstance(max_matvecs, (int, np.integer)):
+            raise TypeError(
+                f"eigsh: max_matvecs must be an int, got {type(max_matvecs).__name__}"
+            )
+        if max_matvecs < k:
+            raise ValueError(f"eigsh: max_matvecs must be >= k (got {max_matvecs}, k={k})")
+        budget = int(max_matvecs)
+
+    eps = _eps(op)
+    tol_eff = max(tol, 10 * eps)
+    keep_count = min(k + (m - k) // 2, m - 1)
+    start_count = op.num_matvecs
+    kry = _Krylov(op, default_rng(seed), eps, capacity=m + 4)
+    kry.add_random()
+
+    checking = False  # a check for missed eigenvalues is under way
+    check_steps = 0
+    snapshot: np.ndarray | None = None
+    exhausted = False
+
+    bar = progress_bar(progress, budget, "eigsh")
+    try:
+        while True:
+            ne = kry.num_expanded
+            done = False
+            if ne >= k:
+                theta, Y, res = kry.ritz()
+                scale = float(np.max(np.abs(theta), initial=0.0))
+                wanted = _select(theta, k, which)
+                if np.all(res[wanted] <= tol_eff * scale):
+                    values = np.sort(theta[wanted])
+                    complete = kry.size >= n
+                    if checking and check_steps >= _CHECK_STEPS:
+                        checking = False
+                        unchanged = snapshot is not None and bool(
+                            np.all(np.abs(values - snapshot) <= 2 * tol_eff * scale)
+                        )
+                        # When the basis spans the whole space, the directions not yet
+                        # expanded may still hold wanted eigenvectors: expand them all.
+                        done = unchanged and (not complete or kry.num_expanded == kry.size)
+                    if not done and not checking:
+                        snapshot = values
+                        if kry.add_random():
+                            # Look for missed eigenvalues from a fresh random direction.
+                            kry.mix_unexpanded()
+                            checking = True
+                            check_steps = 0
+                        elif kry.num_expanded == kry.size:
+                            done = True  # complete and expanded: the Ritz pairs are exact
+                        else:
+                            checking = True  # complete: expand what is left
+                            check_steps = 0
+            if done:
+                break
+            if op.num_matvecs - start_count >= budget:
+                exhausted = True
+                break
+            if ne >= m:
+                theta, Y, res = kry.ritz()
+                kry.restart(_select(theta, keep_count, which), Y, theta)
+            unexpanded = np.flatnonzero(~kry.expanded)
+            if len(unexpanded) == 0:
+                if not kry.add_random():
+                    break  # complete basis: the Ritz pairs are exact to rounding
+                unexpanded = np.flatnonzero(~kry.expanded)
+            if checking and check_steps < _CHECK_STEPS:
+                j = int(unexpanded[-1])  # grow the check chain (last in, first out)
+                check_steps += 1
+            else:
+                j = int(unexpanded[0])  # first in, first out
+            before = op.num_matvecs
+            kry.expand(j)
+            bar.update(op.num_matvecs - before)
+    finally:
+        bar.close()
+
+    theta, Y, res = kry.ritz()
+    scale = float(np.max(np.abs(theta), initial=0.0))
+    wanted = _select(theta, k, which)
+    converged = res[wanted] <= tol_eff * scale
+    if not np.all(converged):
+        reason = "max_matvecs" if exhausted else "the basis"
+        warnings.warn(
+            f"eigsh: {int(np.sum(~converged))} of {k} eigenpairs did not reach tol={tol:g} "
+            f"within {reason} ({op.num_matvecs - start_count} products); raise max_matvecs "
+            "or max_basis, or loosen tol",
+            NotConvergedWarning,
+            stacklevel=2,
+        )
+    vectors = kry.vectors(Y[:, wanted]) if return_vectors else None
+    return Eigen(
+        values=theta[wanted].copy(),
+        vectors=vectors,
+        residuals=res[wanted].copy(),
+        converged=np.asarray(converged, dtype=bool),
+        num_matvecs=op.num_matvecs - start_count,
+        which=which,
+        tol=tol,
+    )

@@ -1,0 +1,249 @@
+"""Thick-restart Lanczos eigsh against exact eigendecompositions (numpy.linalg.eigh)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+from conftest import as_numpy, dense_operator, make_symmetric
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dualhess import DenseOperator, Operator, OperatorError
+from dualhess.eigsh import NotConvergedWarning, eigsh
+
+
+def expected_values(A: np.ndarray, k: int, which: str) -> np.ndarray:
+    """The exact answer from numpy.linalg.eigh, in eigsh's documented order."""
+    w = np.linalg.eigh(A)[0]
+    if which == "LA":
+        return w[::-1][:k]
+    if which == "SA":
+        return w[:k]
+    if which == "LM":
+        return w[np.argsort(-np.abs(w), kind="stable")][:k]
+    return np.sort(np.r_[w[: k // 2], w[len(w) - (k - k // 2) :]])  # BE
+
+
+def check_result(A: np.ndarray, res, k: int, which: str, atol: float) -> None:
+    """Values against eigh, residuals against a recomputation, orthonormal vectors."""
+    scale = np.abs(np.linalg.eigvalsh(A)).max()
+    exact = expected_values(A, k, which)
+    assert res.values.shape == (k,) and res.residuals.shape == (k,)
+    assert res.converged.dtype == bool and res.converged.all()
+    if which == "LM":  # ties in |lambda| may come in either order: compare magnitudes
+        np.testing.assert_allclose(np.abs(res.values), np.abs(exact), rtol=0, atol=atol)
+    else:
+        np.testing.assert_allclose(res.values, exact, rtol=0, atol=atol)
+    V = as_numpy(res.vectors)
+    assert V.shape == (A.shape[0], k)
+    np.testing.assert_allclose(V.T @ V, np.eye(k), rtol=0, atol=1e-12)
+    recomputed = np.linalg.norm(A @ V - V * res.values, axis=0)
+    np.testing.assert_allclose(res.residuals, recomputed, rtol=0, atol=1e-12 * scale)
+    assert np.all(recomputed <= res.tol * scale * (1 + 1e-6) + 1e-13 * scale)
+
+
+# name -> (eigenvalues, k, which). Each a spectrum the issue asks for.
+SPECTRA = {
+    "well_separated": (np.r_[np.linspace(-1.0, 1.0, 74), 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], 4, "LA"),
+    "clustered_1e-6": (np.r_[1.0 - 1e-6 * np.arange(3), np.linspace(0.0, 0.5, 77)], 3, "LA"),
+    "multiplicity_5": (np.r_[[10.0] * 5, 5.0, 4.0, 3.0, np.linspace(-1.0, 1.0, 72)], 6, "LA"),
+    "indefinite_LM": (np.r_[-9.0, np.linspace(-3.0, 4.0, 79)], 3, "LM"),
+    "indefinite_SA": (np.r_[-9.0, -6.0, np.linspace(-3.0, 4.0, 78)], 3, "SA"),
+    "indefinite_BE": (np.r_[-9.0, -6.0, np.linspace(-3.0, 4.0, 77), 8.0], 5, "BE"),
+    "rank_deficient": (np.r_[5.0, 3.0, -1.0, np.zeros(77)], 6, "LA"),
+    "n3_k2": (np.array([2.0, -1.0, 0.5]), 2, "LA"),
+    # k close to n with a repeated eigenvalue: the basis fills the space before all copies
+    # have been expanded.
+    "n6_k4_repeated": (np.array([-2.0, -2.0, -2.0, 1.0, 2.0, 2.0]), 4, "SA"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_spectra_against_eigh(name, framework):
+    lam, k, which = SPECTRA[name]
+    A = make_symmetric(lam, seed=len(name))
+    res = eigsh(dense_operator(A, framework), k, which=which, tol=1e-10, seed=1)
+    # |theta - lambda| <= ||r|| <= tol * max|lambda| = 1e-10 * max|lambda| (Weyl).
+    check_result(A, res, k, which, atol=1e-9 * np.abs(lam).max())
+    if framework == "torch":
+        import torch
+
+        assert isinstance(res.vectors, torch.Tensor) and res.vectors.dtype == torch.float64
+
+
+def test_multiplicity_five_all_copies_found():
+    A = make_symmetric(SPECTRA["multiplicity_5"][0], seed=8)
+    for seed in range(3):
+        res = eigsh(DenseOperator(A), 6, tol=1e-10, seed=seed)
+        np.testing.assert_allclose(res.values, [10.0] * 5 + [5.0], rtol=0, atol=1e-9)
+        V = res.vectors[:, :5]
+        # The five vectors span the whole eigenspace of 10.
+        np.testing.assert_allclose(A @ V, 10.0 * V, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(np.linalg.svd(V, compute_uv=False), 1.0, atol=1e-10)
+
+
+def test_residuals_equal_recomputed_at_loose_tol():
+    # At tol=1e-4 the residuals are large enough to compare relatively.
+    lam = np.r_[np.linspace(0.0, 1.0, 296), 1.2, 1.3, 1.4, 1.5]
+    A = make_symmetric(lam, seed=9)
+    res = eigsh(DenseOperator(A), 3, tol=1e-4, seed=0)
+    V = res.vectors
+    recomputed = np.linalg.norm(A @ V - V * res.values, axis=0)
+    assert recomputed.max() > 1e-12  # not trivially converged
+    np.testing.assert_allclose(res.residuals, recomputed, rtol=1e-6, atol=1e-13)
+    assert np.all(recomputed <= 1e-4 * 1.5)
+
+
+@pytest.fixture(scope="module")
+def decaying_2000():
+    lam = 0.9 ** np.arange(2000.0)
+    A, Q = make_symmetric(lam, seed=0, return_vectors=True)
+    return A, Q, lam
+
+
+def test_make_symmetric_matches_eigh():
+    # The O(n^2) Householder construction used for n > 400 has exactly the given spectrum.
+    lam = np.random.default_rng(0).standard_normal(500)
+    A, Q = make_symmetric(lam, seed=1, return_vectors=True)
+    np.testing.assert_allclose(np.linalg.eigvalsh(A), np.sort(lam), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(A @ Q, Q * lam, rtol=0, atol=1e-13)
+
+
+def test_top10_of_2000_within_scipy_budget(decaying_2000):
+    A, Q, lam = decaying_2000
+    exact = lam[:10]
+    # The top eigenpairs of the construction are exact: A q_i = lambda_i q_i.
+    np.testing.assert_allclose(A @ Q[:, :10], Q[:, :10] * exact, rtol=0, atol=1e-14)
+    tol = 1e-10
+    count = [0]
+
+    def product(x):
+        count[0] += 1 if x.ndim == 1 else x.shape[1]
+        return A @ x
+
+    linop = sla.LinearOperator(A.shape, matvec=product, matmat=product, dtype=np.float64)
+    v0 = np.random.default_rng(0).standard_normal(2000)
+    scipy_values = np.sort(sla.eigsh(linop, k=10, which="LA", tol=tol, v0=v0)[0])[::-1]
+    np.testing.assert_allclose(scipy_values, exact, rtol=1e-10)
+
+    res = eigsh(DenseOperator(A), 10, tol=tol, seed=0)
+    assert res.converged.all()
+    np.testing.assert_allclose(res.values, exact, rtol=1e-10, atol=0)
+    assert res.num_matvecs <= 1.2 * count[0], (res.num_matvecs, count[0])
+    V = res.vectors
+    recomputed = np.linalg.norm(A @ V - V * res.values, axis=0)
+    np.testing.assert_allclose(res.residuals, recomputed, rtol=0, atol=1e-13)
+
+
+def test_sa_and_be_on_2000_indefinite():
+    lam = np.r_[-(0.8 ** np.arange(5.0)) * 3.0, np.linspace(-0.5, 1.0, 1990), 1.5, 2.0, 2.5, 3.0, 3.5]
+    A = make_symmetric(lam, seed=1)
+    w = np.sort(lam)
+    res = eigsh(DenseOperator(A), 4, which="SA", tol=1e-10, seed=0)
+    np.testing.assert_allclose(res.values, w[:4], rtol=0, atol=1e-9)
+    res = eigsh(DenseOperator(A), 5, which="BE", tol=1e-10, seed=0)
+    np.testing.assert_allclose(res.values, np.r_[w[:2], w[-3:]], rtol=0, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    data=st.data(),
+)
+def test_property_agrees_with_eigh(n, data):
+    entries = data.draw(
+        st.lists(
+            st.floats(-10.0, 10.0, allow_nan=False, allow_subnormal=False),
+            min_size=n * n,
+            max_size=n * n,
+        )
+    )
+    k = data.draw(st.integers(1, n - 1))
+    which = data.draw(st.sampled_from(["LA", "SA", "LM", "BE"]))
+    seed = data.draw(st.integers(0, 2**16))
+    M = np.asarray(entries).reshape(n, n)
+    A = (M + M.T) / 2
+    scale = max(np.abs(np.linalg.eigvalsh(A)).max(), 1e-300)
+    res = eigsh(DenseOperator(A), k, which=which, tol=1e-10, seed=seed)
+    exact = expected_values(A, k, which)
+    assert res.converged.all()
+    if which == "LM":
+        np.testing.assert_allclose(np.abs(res.values), np.abs(exact), rtol=0, atol=1e-9 * scale)
+    else:
+        np.testing.assert_allclose(res.values, exact, rtol=0, atol=1e-9 * scale)
+    V = res.vectors
+    recomputed = np.linalg.norm(A @ V - V * res.values, axis=0)
+    np.testing.assert_allclose(res.residuals, recomputed, rtol=0, atol=1e-12 * scale)
+
+
+def test_same_seed_same_result_across_frameworks(framework):
+    A = make_symmetric(np.r_[np.linspace(-1.0, 1.0, 57), 2.0, 3.0, 4.0], seed=3)
+    ref = eigsh(DenseOperator(A), 3, tol=1e-8, seed=4)
+    res = eigsh(dense_operator(A, framework), 3, tol=1e-8, seed=4)
+    assert res.num_matvecs == ref.num_matvecs
+    np.testing.assert_allclose(res.values, ref.values, rtol=0, atol=1e-12)
+
+
+def test_float32_operator_reaches_single_precision():
+    torch = pytest.importorskip("torch")
+    lam = np.r_[np.linspace(0.0, 1.0, 97), 2.0, 3.0, 4.0]
+    A = make_symmetric(lam, seed=6)
+    res = eigsh(DenseOperator(torch.tensor(A, dtype=torch.float32)), 3, seed=0)
+    assert res.vectors.dtype == torch.float32
+    np.testing.assert_allclose(res.values, [4.0, 3.0, 2.0], rtol=0, atol=1e-4)
+
+
+def test_max_matvecs_exhausted_warns_and_returns():
+    A = make_symmetric(np.linspace(1.0, 2.0, 200), seed=7)  # no gaps to speak of
+    op = DenseOperator(A)
+    with pytest.warns(NotConvergedWarning, match="did not reach tol"):
+        res = eigsh(op, 4, tol=1e-12, max_matvecs=30, seed=0)
+    assert res.num_matvecs == 30
+    assert res.values.shape == (4,) and not res.converged.all()
+    V = res.vectors
+    recomputed = np.linalg.norm(A @ V - V * res.values, axis=0)
+    np.testing.assert_allclose(res.residuals, recomputed, rtol=1e-8, atol=1e-14)
+    np.testing.assert_array_equal(res.converged, recomputed <= 1e-12 * res.values.max() * 1.0001)
+
+
+def test_options_and_counter():
+    A = make_symmetric(np.r_[np.linspace(-1.0, 1.0, 37), 2.0, 3.0, 4.0], seed=2)
+    op = DenseOperator(A)
+    op.num_matvecs = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = eigsh(op, 2, tol=1e-8, seed=0, return_vectors=False, max_basis=6, progress=True)
+    assert res.vectors is None
+    assert op.num_matvecs == 5 + res.num_matvecs
+    np.testing.assert_allclose(res.values, [4.0, 3.0], atol=1e-7)
+    assert res.to_dict()["which"] == "LA"
+
+
+def test_bad_input_messages():
+    A = make_symmetric(np.arange(1.0, 6.0), seed=0)
+    op = DenseOperator(A)
+    with pytest.raises(ValueError, match="k must be < n"):
+        eigsh(op, 5)
+    with pytest.raises(ValueError, match="k must be positive"):
+        eigsh(op, 0)
+    with pytest.raises(ValueError, match="which must be one of"):
+        eigsh(op, 2, which="LR")
+    with pytest.raises(ValueError, match="max_basis must be > k"):
+        eigsh(op, 2, max_basis=2)
+    with pytest.raises(ValueError, match="tol must be"):
+        eigsh(op, 2, tol=-1.0)
+    with pytest.raises(OperatorError, match="square"):
+        eigsh(DenseOperator(np.ones((3, 4))), 1)
+
+    class NaNOperator(Operator):
+        def _matvec(self, v):
+            return v * np.nan
+
+    with pytest.raises(OperatorError, match="NaN"):
+        eigsh(NaNOperator((5, 5)), 2, seed=0)
+    # Without the operator's own check, eigsh still refuses to return NaN.
+    with pytest.raises(OperatorError, match="NaN"):
+        eigsh(NaNOperator((5, 5), check_finite=False), 2, seed=0)
