@@ -15,6 +15,7 @@ Examples
 
 from __future__ import annotations
 
+from .convert import Twin, UnsupportedOpError, batch_from_torch, from_torch, loss_from_torch
 from .data import Dataset, prepare_data
 from .flax_adapters import from_linen, from_nnx
 from .hessian import (
@@ -27,8 +28,15 @@ from .hessian import (
     hessian,
     reduce_loss,
 )
+from .monitor import HessianMonitor
 
 __all__ = [
+    "from_torch",
+    "Twin",
+    "UnsupportedOpError",
+    "loss_from_torch",
+    "batch_from_torch",
+    "HessianMonitor",
     "hessian",
     "ggn",
     "dense_hessian",

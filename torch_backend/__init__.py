@@ -18,8 +18,10 @@ from __future__ import annotations
 from .backpack import exact_diagonal, exact_trace
 from .curvature import FisherOperator, GGNOperator, fisher, ggn
 from .hessian import HessianOperator, TorchCurvatureOperator, hessian
+from .monitor import HessianMonitor
 
 __all__ = [
+    "HessianMonitor",
     "hessian",
     "ggn",
     "fisher",

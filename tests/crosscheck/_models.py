@@ -1,0 +1,348 @@
+"""Small float64 torch models (with data and loss) for the torch <-> JAX cross-checks.
+
+Each builder returns a :class:`ModelCase`: an eval-mode float64 model with at most ~550
+trainable parameters (so dense Hessians stay cheap), a batch in torch layout and a torch loss.
+``build(name)`` picks one by name; ``MODEL_NAMES`` lists them all.
+
+Loaded by ``conftest.py`` as the module ``crosscheck_models`` (use ``import crosscheck_models``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPE = torch.float64
+NUM_SAMPLES = 12
+
+
+@dataclass
+class ModelCase:
+    """A model, one batch of inputs and targets, and the torch loss to apply to them."""
+
+    name: str
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    targets: torch.Tensor
+    loss: nn.Module
+
+    def loss_value(self) -> torch.Tensor:
+        return self.loss(self.model(*self.inputs), self.targets)
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(data.target), size=NUM_SAMPLES, replace=False)
+    images = data.images[idx].astype(np.float64) / 16.0  # (N, 8, 8) in [0, 1]
+    return images, data.target[idx].astype(np.int64)
+
+
+def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 1, 8, 8)`` float64 images and ``(N,)`` int64 labels."""
+    images, labels = _digits()
+    return torch.tensor(images[:, None], dtype=DTYPE), torch.tensor(labels)
+
+
+def digits_small_features() -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits averaged down to 4x4: ``(N, 16)`` features and ``(N,)`` labels."""
+    images, labels = _digits()
+    small = images.reshape(-1, 4, 2, 4, 2).mean(axis=(2, 4)).reshape(-1, 16)
+    return torch.tensor(small - small.mean(0), dtype=DTYPE), torch.tensor(labels)
+
+
+def _finish(name: str, model: nn.Module, inputs: tuple, targets: torch.Tensor,
+            loss: nn.Module) -> ModelCase:
+    model = model.to(DTYPE).eval()
+    return ModelCase(name, model, inputs, targets, loss)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def mlp() -> ModelCase:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 10))
+    x, y = digits_small_features()
+    return _finish("mlp", model, (x,), y, nn.CrossEntropyLoss())
+
+
+def cnn() -> ModelCase:
+    """Strided and padded convs, 'same' padding with dilation, groups, no-bias conv."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),  # 8x8 -> 4x4
+        nn.GELU(approximate="tanh"),
+        nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=2),
+        nn.GELU(),
+        nn.Conv2d(4, 2, 2, stride=2, bias=False),  # 4x4 -> 2x2
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    x, y = digits_images()
+    return _finish("cnn", model, (x,), y, nn.CrossEntropyLoss(label_smoothing=0.1))
+
+
+def _randomise_running_stats(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(0.3 * torch.randn(c, generator=gen, dtype=torch.float64))
+            m.running_var.copy_(0.5 + torch.rand(c, generator=gen, dtype=torch.float64))
+            if m.affine:
+                with torch.no_grad():
+                    m.weight.copy_(1 + 0.2 * torch.randn(c, generator=gen, dtype=torch.float64))
+                    m.bias.copy_(0.1 * torch.randn(c, generator=gen, dtype=torch.float64))
+
+
+def bn_cnn() -> ModelCase:
+    """BatchNorm2d in eval mode with non-trivial running statistics, max pool, SiLU."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 8x8 -> 4x4
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    ).to(DTYPE)
+    _randomise_running_stats(model, seed=2)
+    x, y = digits_images()
+    return _finish("bn_cnn", model, (x,), y, nn.CrossEntropyLoss())
+
+
+def layernorm_mlp() -> ModelCase:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(16, 12),
+        nn.LayerNorm(12),
+        nn.Softplus(beta=2.0),
+        nn.Dropout(0.3),
+        nn.Linear(12, 10),
+    )
+    x, y = digits_small_features()
+    targets = F.one_hot(y, 10).to(DTYPE)
+    return _finish("layernorm_mlp", model, (x,), targets, nn.MSELoss())
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (same structure, tiny channels)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(2, 2))
+        downsample = nn.Sequential(nn.Conv2d(2, 3, 1, stride=2, bias=False), nn.BatchNorm2d(3))
+        self.layer2 = nn.Sequential(BasicBlock(2, 3, stride=2, downsample=downsample))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def resnet() -> ModelCase:
+    torch.manual_seed(4)
+    model = TinyResNet().to(DTYPE)
+    _randomise_running_stats(model, seed=4)
+    x, y = digits_images()
+    return _finish("resnet", model, (x,), y, nn.CrossEntropyLoss())
+
+
+class EmbeddingBag(nn.Module):
+    def __init__(self, vocab: int = 12, dim: int = 5, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.act = nn.LeakyReLU(0.2)
+        self.head = nn.Linear(dim, classes)
+        self.log_softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens).mean(dim=1)
+        return self.log_softmax(self.head(self.act(h)))
+
+
+def embedding() -> ModelCase:
+    """Embedding with a padding row (torch sends it no gradient), NLLLoss on log-softmax."""
+    torch.manual_seed(5)
+    model = EmbeddingBag()
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 12, (NUM_SAMPLES, 6), generator=gen)
+    tokens[:, -1] = 0  # every sequence ends with padding
+    targets = torch.randint(0, 3, (NUM_SAMPLES,), generator=gen)
+    return _finish("embedding", model, (tokens,), targets, nn.NLLLoss())
+
+
+def groupnorm() -> ModelCase:
+    """GroupNorm, ELU, AvgPool2d and an adaptive pool with a non-divisible size (4 -> 3)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ELU(alpha=0.7),
+        nn.AvgPool2d(2),  # 8x8 -> 4x4
+        nn.Conv2d(4, 2, 1),
+        nn.AdaptiveAvgPool2d(3),  # 4x4 -> 3x3 with overlapping bins
+        nn.Flatten(),
+        nn.Linear(18, 10),
+    )
+    x, y = digits_images()
+    return _finish("groupnorm", model, (x,), y, nn.CrossEntropyLoss())
+
+
+class FunctionalNet(nn.Module):
+    """torch.nn.functional forms, raw parameters, torch.cat/mean, shape ops, tied weights,
+    a frozen parameter and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_weight = nn.Parameter(0.4 * torch.randn(5, 1, 3, 3))
+        self.conv_bias = nn.Parameter(0.1 * torch.randn(5))
+        self.mix = nn.Parameter(0.3 * torch.randn(10, 3))
+        self.proj = nn.Linear(12, 6)
+        self.ln_weight = nn.Parameter(1 + 0.1 * torch.randn(6))
+        self.frozen = nn.Parameter(torch.randn(6), requires_grad=False)
+        self.register_buffer("offset", 0.05 * torch.randn(6))
+        self.out_weight = nn.Parameter(0.3 * torch.randn(4, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(F.conv2d(x, self.conv_weight, self.conv_bias, padding=1), 0.1)
+        a = F.avg_pool2d(h, 2)  # (N, 5, 4, 4)
+        b = F.max_pool2d(h, kernel_size=2, stride=2)
+        z = torch.cat([a, b], dim=1).mean(dim=3)  # (N, 10, 4)
+        z = z.permute(0, 2, 1) @ self.mix  # (N, 4, 3)
+        z = z.transpose(1, 2).reshape(z.size(0), -1)  # (N, 12)
+        z = torch.sigmoid(z) - 0.5
+        z = F.gelu(self.proj(z)) + F.linear(z, self.proj.weight) / 2.0  # tied Linear weight
+        z = F.layer_norm(z, (6,), self.ln_weight, self.frozen * 0.1 + self.offset)
+        z = torch.tanh(z).view(-1, 6)
+        return F.linear(z, self.out_weight)
+
+
+def functional() -> ModelCase:
+    torch.manual_seed(7)
+    model = FunctionalNet()
+    x, y = digits_images()
+    targets = F.one_hot(y % 4, 4).to(DTYPE)
+    return _finish("functional", model, (x,), targets,
+                   nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=DTYPE)))
+
+
+def conv1d() -> ModelCase:
+    """Conv1d with 'same' reflect padding and dilation, BatchNorm1d on (N, C, L) and (N, C)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv1d(1, 3, 5, padding="same", dilation=2, padding_mode="reflect"),
+        nn.BatchNorm1d(3),
+        nn.Sigmoid(),
+        nn.AvgPool1d(4),  # 64 -> 16
+        nn.Conv1d(3, 2, 3, stride=2),  # 16 -> 7
+        nn.Flatten(),
+        nn.BatchNorm1d(14),
+        nn.Linear(14, 10),
+    ).to(DTYPE)
+    _randomise_running_stats(model, seed=8)
+    x, y = digits_images()
+    return _finish("conv1d", model, (x.reshape(len(x), 1, 64),), y, nn.CrossEntropyLoss())
+
+
+BUILDERS: dict[str, Callable[[], ModelCase]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "bn_cnn": bn_cnn,
+    "layernorm_mlp": layernorm_mlp,
+    "resnet": resnet,
+    "embedding": embedding,
+    "groupnorm": groupnorm,
+    "functional": functional,
+    "conv1d": conv1d,
+}
+MODEL_NAMES = tuple(BUILDERS)
+
+
+def build(name: str) -> ModelCase:
+    """A fresh :class:`ModelCase` by name (see ``MODEL_NAMES``)."""
+    try:
+        return BUILDERS[name]()
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; choose from {MODEL_NAMES}") from None
+
+
+def flat_trainable(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of the trainable parameters, in ``named_parameters()`` order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def torch_dense_hessian(case: ModelCase) -> torch.Tensor:
+    """Dense Hessian of the loss w.r.t. the flat trainable parameters (double backward).
+
+    Uses ``torch.autograd.functional.hessian`` (not ``torch.func.hessian``, which is wrong
+    for LayerNorm on torch 2.13).
+    """
+    names, tensors = flat_trainable(case.model)
+    shapes = [t.shape for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    flat0 = torch.cat([t.detach().reshape(-1) for t in tensors])
+
+    def loss_of_flat(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, sizes)
+        params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
+        out = torch.func.functional_call(case.model, params, case.inputs)
+        return case.loss(out, case.targets)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: extra threads only spin
+    try:  # batched double backward; some double-backward formulas do not batch
+        return torch.autograd.functional.hessian(loss_of_flat, flat0, vectorize=True)
+    except RuntimeError:
+        return torch.autograd.functional.hessian(loss_of_flat, flat0, vectorize=False)
+    finally:
+        torch.set_num_threads(threads)

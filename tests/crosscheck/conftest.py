@@ -1,0 +1,31 @@
+"""Cross-check tests run in float64: enable jax x64 and expose the shared model builders.
+
+``_models.py`` is registered as the module ``crosscheck_models`` (a unique name, so it cannot
+clash with helper modules of other test folders); test files use ``import crosscheck_models``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+try:
+    import jax
+except ImportError:  # pragma: no cover - the test modules skip themselves
+    jax = None
+else:
+    jax.config.update("jax_enable_x64", True)
+
+
+def _register_models() -> None:
+    name = "crosscheck_models"
+    if name in sys.modules or importlib.util.find_spec("torch") is None:
+        return
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_register_models()
