@@ -1,0 +1,629 @@
+"""The framework-neutral pipeline behind ``dualhess analyze``.
+
+Given a model, a loss and data (or ready-made operators), build the Hessian operator in each
+framework through the backend registry (:mod:`dualhess.backends`), and compute on each
+
+- the top-``k`` eigenvalues with residuals (:func:`dualhess.eigsh`, thick-restart Lanczos),
+  and the smallest eigenvalue (``which="SA"``);
+- the trace: XTrace +- its standard error (Epperly, Tropp & Webber 2024), and the exact
+  trace where the backend can (BackPACK for PyTorch), else ``None`` with the reason;
+- the eigenvalue density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017);
+- a summary: ``lambda_max``, ``lambda_min`` and the negative spectral mass;
+
+and, when both frameworks run, the crosscheck of the two operators
+(:func:`dualhess.crosscheck.crosscheck`) plus the agreement of the numbers above.
+
+The JAX twin of a PyTorch model flattens its parameters in another order. Its operator is
+wrapped in :class:`HostOperator` so that both frameworks act on vectors in the PyTorch
+order: every algorithm then sees *identical* probes and start vectors on both sides, and the
+two columns of the report differ only by the round-off of the two autodiff stacks. (The
+wrapper also keeps the algorithms' small vector operations in numpy, where they are much
+cheaper than JAX's op-by-op dispatch; the products stay jitted on the JAX device.)
+
+Everything returned is plain JSON-able Python (dicts, lists, floats, ``None``); the report
+writer (:mod:`dualhess.report`) turns it into files.
+
+Examples
+--------
+>>> import numpy as np
+>>> from dualhess import DenseOperator
+>>> from dualhess.analysis import AnalysisSettings, run_analysis
+>>> ops = {"numpy": DenseOperator(np.diag(np.arange(-2.0, 8.0)))}
+>>> out = run_analysis(ops, AnalysisSettings(top_k=2, trace_matvecs=9, density_probes=2,
+...                                          density_steps=5, progress=False))
+>>> [round(v, 8) for v in out["results"]["numpy"]["eigenvalues"]["values"]]
+[7.0, 6.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._array import array_namespace, dtype_name, is_float64, to_numpy
+from .alignment import Alignment
+from .operator import ExactUnavailableError, Operator
+
+__all__ = [
+    "AnalysisSettings",
+    "PermutedOperator",
+    "HostOperator",
+    "analyze",
+    "run_analysis",
+    "analyze_operator",
+    "resolve_params",
+    "negative_mass",
+    "package_versions",
+    "FRAMEWORKS",
+]
+
+#: Values accepted by ``--framework``.
+FRAMEWORKS = ("torch", "jax", "both")
+DTYPES = ("float64", "float32")
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+@dataclasses.dataclass
+class AnalysisSettings:
+    """Every knob of an analysis (the CLI options map one to one onto these fields).
+
+    Attributes
+    ----------
+    framework : {"torch", "jax", "both"} or None
+        Which frameworks compute. ``None``: both for a PyTorch model (PyTorch and its JAX
+        twin), JAX for a Flax model.
+    top_k : int
+        How many of the largest eigenvalues.
+    trace_matvecs : int
+        Budget of operator products for XTrace.
+    density_probes, density_steps : int
+        Stochastic Lanczos quadrature: random probes and Lanczos steps per probe.
+    seed : int
+        Seeds every random draw (probes are numpy float64, identical in both frameworks).
+    dtype : {"float64", "float32"}
+    device : str or None
+        Device of the PyTorch side (e.g. ``"cuda"``); JAX uses its default device.
+    params : str or None
+        A parameter block: comma-separated parameter names or name prefixes.
+    eig_tol : float or None
+        Relative residual tolerance of the eigensolver; default 1e-10 (float64) / 1e-5 (float32).
+    crosscheck_probes : int
+        Probes of the crosscheck when both frameworks run.
+    progress : bool
+        Progress bars on the long steps.
+    """
+
+    framework: str | None = None
+    top_k: int = 5
+    trace_matvecs: int = 100
+    density_probes: int = 10
+    density_steps: int = 60
+    seed: int = 0
+    dtype: str = "float64"
+    device: str | None = None
+    params: str | None = None
+    eig_tol: float | None = None
+    crosscheck_probes: int = 8
+    progress: bool = True
+
+    def validate(self) -> AnalysisSettings:
+        """Check every field; raise ``ValueError`` with the option name on bad values."""
+        if self.framework is not None and self.framework not in FRAMEWORKS:
+            raise ValueError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("top_k", "trace_matvecs", "density_probes", "density_steps", "crosscheck_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.density_steps < 2:
+            raise ValueError("--density-steps must be at least 2")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if self.eig_tol is not None and not (0 < self.eig_tol < 1):
+            raise ValueError(f"eig_tol must be in (0, 1), got {self.eig_tol!r}")
+        if self.params is not None and not self.params.strip(" ,"):
+            raise ValueError("--params is empty; give parameter names or prefixes, comma-separated")
+        return self
+
+    @property
+    def tolerance(self) -> float:
+        """The eigensolver's relative residual tolerance."""
+        if self.eig_tol is not None:
+            return float(self.eig_tol)
+        return 1e-10 if self.dtype == "float64" else 1e-5
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["eig_tol"] = self.tolerance
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def resolve_params(spec: str | None, names: Sequence[str]) -> list[str] | None:
+    """Turn ``--params`` into the list of parameter names it selects, in layout order.
+
+    Each comma-separated token selects the parameter of that exact name, or else every
+    parameter whose name starts with it (a prefix such as ``conv1`` or ``params/Dense_0``).
+
+    Examples
+    --------
+    >>> resolve_params("conv1", ["conv1.weight", "conv1.bias", "fc.weight"])
+    ['conv1.weight', 'conv1.bias']
+    >>> resolve_params("fc.weight,conv1.bias", ["conv1.weight", "conv1.bias", "fc.weight"])
+    ['conv1.bias', 'fc.weight']
+    """
+    if spec is None:
+        return None
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        raise ValueError("--params is empty; give parameter names or prefixes, comma-separated")
+    chosen: set[str] = set()
+    for token in tokens:
+        exact = [n for n in names if n == token]
+        hits = exact or [n for n in names if n.startswith(token)]
+        if not hits:
+            raise ValueError(
+                f"--params: {token!r} matches no parameter; the model has: {', '.join(names)}"
+            )
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+def negative_mass(nodes: Any, weights: Any, threshold: float = 0.0) -> float:
+    """The spectral mass below ``-threshold``: the mean over probes of the quadrature
+    weights of the nodes (Ritz values) below ``-threshold``.
+
+    Examples
+    --------
+    >>> negative_mass([[-1.0, 2.0], [-3.0, 4.0]], [[0.25, 0.75], [0.5, 0.5]])
+    0.375
+    """
+    nodes = np.atleast_2d(np.asarray(nodes, dtype=np.float64))
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if nodes.shape != weights.shape:
+        raise ValueError(f"nodes {nodes.shape} and weights {weights.shape} differ in shape")
+    return float(np.mean(np.sum(np.where(nodes < -threshold, weights, 0.0), axis=1)))
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of python, numpy, dualhess and, when installed, the frameworks (read from the
+    package metadata: nothing is imported)."""
+    from . import __version__
+
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "dualhess": __version__,
+    }
+    for dist in ("scipy", "torch", "jax", "jaxlib", "flax", "optax", "backpack-for-pytorch", "matplotlib"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class PermutedOperator(Operator):
+    """An operator seen in another flat parameter order: ``P^T H P``.
+
+    ``inner`` acts on vectors in order *b*; this operator acts on vectors in order *a*, with
+    ``v_b = v_a[align.perm]`` (see :class:`~dualhess.alignment.Alignment`). The permutation
+    runs on the native arrays (no host round trip). Used to present the JAX twin's Hessian in
+    the PyTorch order so both frameworks see identical probes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dualhess import DenseOperator
+    >>> from dualhess.alignment import Alignment
+    >>> op = PermutedOperator(DenseOperator(np.diag([1.0, 2.0, 3.0])), Alignment([2, 0, 1]))
+    >>> op @ np.ones(3)
+    array([2., 3., 1.])
+    """
+
+    def __init__(self, inner: Operator, align: Alignment) -> None:
+        if align.n != inner.n:
+            raise ValueError(f"the alignment is for n={align.n}, the operator has n={inner.n}")
+        super().__init__(inner.shape, inner.dtype, like=inner._like, chunk_size=None,
+                         check_finite=False)
+        self.inner = inner
+        self.align = align
+        xp = array_namespace(inner._like)
+        self._perm = xp.asarray(align.perm)
+        self._inverse = xp.asarray(align.inverse)
+        self.method = getattr(inner, "method", None)
+
+    def _matmat(self, V: Any) -> Any:
+        xp = array_namespace(V)
+        out = self.inner.matmat(xp.take(V, self._perm, axis=0))
+        return xp.take(out, self._inverse, axis=0)
+
+    def _matvec(self, v: Any) -> Any:
+        xp = array_namespace(v)
+        return xp.take(self.inner.matvec(xp.take(v, self._perm, axis=0)), self._inverse, axis=0)
+
+    def exact_trace(self) -> float:
+        return self.inner.exact_trace()  # the trace does not depend on the order
+
+
+class HostOperator(Operator):
+    """An operator whose vectors live on the host as numpy arrays; products run in ``inner``.
+
+    Every product moves the block of vectors to ``inner``'s framework and device, applies
+    ``inner`` there, and brings the result back, optionally reordered by an alignment
+    (``v_b = v_a[align.perm]``, as in :class:`PermutedOperator`). The algorithms' own vector
+    work (reorthogonalisation, Rayleigh-Ritz, probes) then runs in numpy. Used for JAX, whose
+    op-by-op dispatch makes the many small vector operations of Lanczos far slower than
+    numpy, while the Hessian-vector products stay jitted on the JAX device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dualhess import DenseOperator
+    >>> op = HostOperator(DenseOperator(np.diag([1.0, 2.0, 3.0])))
+    >>> op @ np.ones(3)
+    array([1., 2., 3.])
+    """
+
+    def __init__(self, inner: Operator, align: Alignment | None = None) -> None:
+        if align is not None and align.n != inner.n:
+            raise ValueError(f"the alignment is for n={align.n}, the operator has n={inner.n}")
+        host_dtype = np.float64 if is_float64(inner.dtype) else np.float32
+        super().__init__(inner.shape, np.dtype(host_dtype), like=np.zeros(0, dtype=host_dtype),
+                         chunk_size=None, check_finite=False)
+        self.inner = inner
+        self.align = align
+        self.method = getattr(inner, "method", None)
+        self.layout = getattr(inner, "layout", None) if align is None else None
+
+    def _matmat(self, V: Any) -> Any:
+        if self.align is not None:
+            V = self.align.a_to_b(V)
+        out = to_numpy(self.inner.matmat(self.inner.asarray(V))).astype(self.dtype, copy=False)
+        return out if self.align is None else self.align.b_to_a(out)
+
+    def _matvec(self, v: Any) -> Any:
+        return self._matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def exact_trace(self) -> float:
+        return self.inner.exact_trace()  # the trace does not depend on the order
+
+
+# ---------------------------------------------------------------------- one operator
+def analyze_operator(
+    op: Operator, settings: AnalysisSettings, *, label: str = "", log: Log = _quiet
+) -> dict[str, Any]:
+    """Eigenvalues, trace, density and summary of one operator, as a plain dict.
+
+    See :data:`dualhess.report.SCHEMA` (``results.<framework>.*``) for the keys.
+    """
+    from .density import density
+    from .eigsh import eigsh
+    from .trace import trace
+
+    settings.validate()
+    if settings.top_k >= op.n:
+        raise ValueError(f"--top-k must be < n = {op.n} (the number of parameters), got {settings.top_k}")
+    progress = settings.progress
+    prefix = f"[{label}] " if label else ""
+    timings: dict[str, float] = {}
+    start_count = op.num_matvecs
+    counts: dict[str, int] = {}
+
+    def step(name: str, what: str, fn: Callable[[], Any]) -> Any:
+        log(f"{prefix}{what}")
+        before = op.num_matvecs
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - t0
+        counts[name] = op.num_matvecs - before
+        return out
+
+    tol = settings.tolerance
+    top = step(
+        "eigsh",
+        f"top-{settings.top_k} eigenvalues (thick-restart Lanczos, tol {tol:.0e})",
+        lambda: eigsh(op, k=settings.top_k, which="LA", tol=tol, seed=settings.seed,
+                      return_vectors=False, progress=progress),
+    )
+    bottom = step(
+        "eigsh_min",
+        "smallest eigenvalue",
+        lambda: eigsh(op, k=1, which="SA", tol=tol, seed=settings.seed, return_vectors=False,
+                      progress=progress),
+    )
+    est = step(
+        "trace",
+        f"trace (XTrace, {settings.trace_matvecs} products)",
+        lambda: trace(op, method="xtrace", num_matvecs=settings.trace_matvecs,
+                      seed=settings.seed, progress=progress),
+    )
+
+    def exact() -> tuple[float | None, str | None]:
+        try:
+            return float(op.exact_trace()), None
+        except ExactUnavailableError as exc:
+            return None, str(exc)
+        except Exception as exc:  # a backend failure must not lose the other numbers
+            return None, f"{type(exc).__name__}: {exc}"
+
+    exact_value, exact_reason = step("exact_trace", "exact trace", exact)
+    dens = step(
+        "density",
+        f"spectral density (SLQ, {settings.density_probes} probes x {settings.density_steps} steps)",
+        lambda: density(op, num_probes=settings.density_probes,
+                        num_steps=min(settings.density_steps, op.n), seed=settings.seed,
+                        progress=progress),
+    )
+
+    values = np.asarray(top.values, dtype=np.float64)
+    order = np.argsort(values)[::-1]
+    nodes = np.asarray(dens.nodes, dtype=np.float64)
+    weights = np.asarray(dens.weights, dtype=np.float64)
+    lam_max = float(values[order[0]])
+    lam_min = float(np.asarray(bottom.values, dtype=np.float64)[0])
+    scale = max(abs(lam_max), abs(lam_min), float(np.max(np.abs(nodes))) if nodes.size else 0.0)
+    # Ritz values of (numerically) zero eigenvalues scatter around 0 by ~ eps * ||H||; only
+    # mass clearly below zero at the working precision counts as negative.
+    threshold = float(np.sqrt(np.finfo(np.float64 if is_float64(op.dtype) else np.float32).eps)) * scale
+    dens_dict = dens.to_dict()
+    return {
+        "framework": label or op.framework,
+        "n": int(op.n),
+        "dtype": dtype_name(op.dtype),
+        "method": getattr(op, "method", None),
+        "eigenvalues": {
+            "which": "LA",
+            "values": values[order].tolist(),
+            "residuals": np.asarray(top.residuals, dtype=np.float64)[order].tolist(),
+            "converged": [bool(c) for c in np.asarray(top.converged)[order]],
+            "tol": tol,
+            "num_matvecs": int(top.num_matvecs),
+        },
+        "lambda_min": {
+            "value": lam_min,
+            "residual": float(np.asarray(bottom.residuals)[0]),
+            "converged": bool(np.asarray(bottom.converged)[0]),
+            "num_matvecs": int(bottom.num_matvecs),
+        },
+        "trace": {
+            "xtrace": {
+                "value": float(est.value),
+                "stderr": float(est.stderr),
+                "num_matvecs": int(est.num_matvecs),
+            },
+            "exact": {"value": exact_value, "reason": exact_reason},
+        },
+        "density": {
+            "grid": np.asarray(dens_dict["grid"], dtype=np.float64).tolist(),
+            "values": np.asarray(dens_dict["values"], dtype=np.float64).tolist(),
+            "nodes": nodes.tolist(),
+            "weights": weights.tolist(),
+            "sigma": float(dens.sigma),
+            "num_probes": int(settings.density_probes),
+            "num_steps": int(nodes.shape[-1]) if nodes.size else 0,
+            "num_matvecs": int(dens.num_matvecs),
+        },
+        "summary": {
+            "lambda_max": lam_max,
+            "lambda_min": lam_min,
+            "negative_mass": negative_mass(nodes, weights, threshold),
+            "negative_mass_threshold": threshold,
+            "trace": float(est.value) if exact_value is None else exact_value,
+        },
+        "timings": {k: round(v, 6) for k, v in timings.items()},
+        "num_matvecs": {**counts, "total": int(op.num_matvecs - start_count)},
+    }
+
+
+def _agreement(results: dict[str, dict[str, Any]], labels: tuple[str, str], rtol: float) -> dict[str, Any]:
+    """How far the two frameworks' numbers are apart (same probes on both sides)."""
+    a, b = (results[x] for x in labels)
+    va = np.asarray(a["eigenvalues"]["values"])
+    vb = np.asarray(b["eigenvalues"]["values"])
+    lam = float(max(np.max(np.abs(va)), np.max(np.abs(vb)), np.finfo(float).tiny))
+    eig_diff = float(np.max(np.abs(va - vb)))
+    # |theta - lambda| <= ||r|| for each Ritz pair, plus Weyl: rtol * ||H|| for the operators.
+    bound = float(np.max(a["eigenvalues"]["residuals"]) + np.max(b["eigenvalues"]["residuals"])
+                  + rtol * lam)
+    ta, tb = a["trace"]["xtrace"]["value"], b["trace"]["xtrace"]["value"]
+    ga = np.asarray(a["density"]["values"])
+    gb = np.asarray(b["density"]["values"])
+    dens_diff = float(np.max(np.abs(ga - gb))) if ga.shape == gb.shape else None
+    return {
+        "labels": list(labels),
+        "rtol": rtol,
+        "eigenvalues_max_abs_diff": eig_diff,
+        "eigenvalues_max_rel_diff": eig_diff / lam,
+        "eigenvalues_bound": bound,
+        "eigenvalues_agree": eig_diff <= bound,
+        "lambda_min_abs_diff": abs(a["summary"]["lambda_min"] - b["summary"]["lambda_min"]),
+        "trace_abs_diff": abs(ta - tb),
+        "trace_rel_diff": abs(ta - tb) / max(abs(ta), abs(tb), np.finfo(float).tiny),
+        "density_max_abs_diff": dens_diff,
+        "negative_mass_diff": abs(a["summary"]["negative_mass"] - b["summary"]["negative_mass"]),
+    }
+
+
+# ---------------------------------------------------------------------- several operators
+def run_analysis(
+    operators: dict[str, Operator],
+    settings: AnalysisSettings,
+    *,
+    alignment: Alignment | None = None,
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """Analyse one or two operators of the same matrix (already in the same flat order).
+
+    Parameters
+    ----------
+    operators : dict
+        ``{label: Operator}``, one or two entries; with two, they are crosschecked.
+    settings : AnalysisSettings
+    alignment : Alignment, optional
+        Only its ``blocks`` are used (names of the parameter tensors for the per-block
+        crosscheck); the operators must already act in the same order.
+    log : callable, optional
+        Receives one line per step (the CLI prints them).
+
+    Returns
+    -------
+    dict
+        ``frameworks``, ``results`` (one dict per label, see :func:`analyze_operator`),
+        ``crosscheck`` and ``agreement`` (``None`` with a single operator), ``timings``.
+    """
+    settings.validate()
+    if not 1 <= len(operators) <= 2:
+        raise ValueError(f"run_analysis takes one or two operators, got {len(operators)}")
+    labels = tuple(operators)
+    ns = {op.n for op in operators.values()}
+    if len(ns) != 1:
+        raise ValueError(f"the operators have different sizes: {sorted(ns)}")
+    results: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    for label, op in operators.items():
+        t0 = time.perf_counter()
+        results[label] = analyze_operator(op, settings, label=label, log=log)
+        timings[label] = time.perf_counter() - t0
+    cross = agreement = None
+    if len(labels) == 2:
+        from .crosscheck import crosscheck, default_rtol
+
+        op_a, op_b = (operators[x] for x in labels)
+        n = op_a.n
+        blocks = alignment.blocks if alignment is not None else None
+        log(f"crosscheck {labels[0]} vs {labels[1]} ({settings.crosscheck_probes} shared probes)")
+        t0 = time.perf_counter()
+        # k=0: the eigenvalues were computed above from identical start vectors on both
+        # sides; their agreement is in ``agreement``.
+        report = crosscheck(op_a, op_b, align=Alignment.identity(n, blocks), k=0,
+                            num_probes=settings.crosscheck_probes, seed=settings.seed,
+                            labels=labels, progress=settings.progress)
+        timings["crosscheck"] = time.perf_counter() - t0
+        cross = report.to_dict()
+        cross["summary"] = str(report)
+        agreement = _agreement(results, labels, default_rtol(op_a, op_b))
+        agreement["passed"] = bool(report.passed and agreement["eigenvalues_agree"])
+    return {
+        "frameworks": list(labels),
+        "results": results,
+        "crosscheck": cross,
+        "agreement": agreement,
+        "timings": {k: round(v, 6) for k, v in timings.items()},
+    }
+
+
+# ---------------------------------------------------------------------- models
+def _frameworks_for(model_framework: str, requested: str | None) -> list[str]:
+    if requested is None:
+        return ["torch", "jax"] if model_framework == "torch" else ["jax"]
+    if model_framework == "jax" and requested != "jax":
+        raise ValueError(
+            f"--framework {requested}: this is a Flax model, which dualhess analyses in JAX only "
+            "(use --framework jax); the PyTorch side and the crosscheck need a PyTorch model"
+        )
+    return ["torch", "jax"] if requested == "both" else [requested]
+
+
+def analyze(
+    model: Any,
+    loss_fn: Any,
+    data: Any,
+    settings: AnalysisSettings | None = None,
+    *,
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """The whole analysis of a model: build the operators, then :func:`run_analysis`.
+
+    A PyTorch model is analysed in PyTorch and, through its Flax/JAX twin with identical
+    weights, in JAX (``settings.framework``); a Flax model (an ``nnx.Module`` or a linen
+    ``(module, variables)`` pair) in JAX.
+
+    Parameters
+    ----------
+    model, loss_fn, data
+        As for :func:`dualhess.backends.hessian`.
+    settings : AnalysisSettings, optional
+    log : callable, optional
+        Receives one line per step.
+
+    Returns
+    -------
+    dict
+        The :func:`run_analysis` dict plus ``model`` (framework, number of parameters, the
+        parameter block) and ``timings.build_<framework>``.
+
+    Examples
+    --------
+    >>> import torch  # doctest: +SKIP
+    >>> from dualhess.analysis import analyze, AnalysisSettings  # doctest: +SKIP
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))  # doctest: +SKIP
+    >>> data = (torch.randn(32, 4), torch.randint(0, 2, (32,)))  # doctest: +SKIP
+    >>> out = analyze(model, torch.nn.CrossEntropyLoss(), data, AnalysisSettings(top_k=2))  # doctest: +SKIP
+    >>> out["results"]["torch"]["summary"]["lambda_max"]  # doctest: +SKIP
+    """
+    from .backends import backend_for, get_backend
+
+    settings = (settings or AnalysisSettings()).validate()
+    owner = backend_for(model)
+    frameworks = _frameworks_for(owner.name, settings.framework)
+    options: dict[str, Any] = {"dtype": settings.dtype}
+    selected = None
+    if owner.name == "torch":
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        selected = resolve_params(settings.params, names)
+    timings: dict[str, float] = {}
+    operators: dict[str, Operator] = {}
+    alignment = None
+    if owner.name == "torch":
+        torch_side = get_backend("torch")
+        if "torch" in frameworks:
+            log("[torch] building the Hessian operator")
+            t0 = time.perf_counter()
+            extra = {} if settings.device is None else {"device": settings.device}
+            operators["torch"] = torch_side.hessian(model, loss_fn, data, params=selected,
+                                                    **options, **extra)
+            timings["build_torch"] = time.perf_counter() - t0
+        if "jax" in frameworks:
+            log("[jax] building the Flax twin and its Hessian operator")
+            t0 = time.perf_counter()
+            twin_op, alignment = get_backend("jax").twin_hessian(
+                model, loss_fn, data, dtype=settings.dtype, params=selected)
+            operators["jax"] = HostOperator(twin_op, alignment)
+            timings["build_jax"] = time.perf_counter() - t0
+    else:
+        log("[jax] building the Hessian operator")
+        t0 = time.perf_counter()
+        op = owner.hessian(model, loss_fn, data, **options)
+        if settings.params is not None:
+            selected = resolve_params(settings.params, op.layout.names)
+            op = owner.hessian(model, loss_fn, data, params=selected, **options)
+        operators["jax"] = HostOperator(op)
+        timings["build_jax"] = time.perf_counter() - t0
+    first = next(iter(operators.values()))
+    layout = getattr(first, "layout", None)
+    if alignment is None and layout is not None:
+        alignment = Alignment.identity(
+            first.n, [(e.name, np.arange(e.start, e.stop)) for e in layout.entries])
+    out = run_analysis(operators, settings, alignment=alignment, log=log)
+    out["timings"].update({k: round(v, 6) for k, v in timings.items()})
+    out["model"] = {
+        "framework": owner.name,
+        "type": type(model).__name__ if not isinstance(model, tuple) else type(model[0]).__name__,
+        "num_params": int(first.n),
+        "params": selected,
+        "layout": layout.to_dict() if layout is not None else None,
+    }
+    return out

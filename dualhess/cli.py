@@ -1,0 +1,331 @@
+"""The ``dualhess`` command: ``dualhess analyze`` and ``dualhess compare``.
+
+``dualhess analyze`` with no argument trains a small CNN on scikit-learn's digits in PyTorch,
+builds its Flax/JAX twin with identical weights, and computes in both frameworks the top
+eigenvalues of the Hessian, its trace, its eigenvalue density and a summary, crosschecks the
+two and writes a report (``report.json``, ``report.md``, ``density.png``,
+``eigenvalues.png``) to ``dualhess-report/``. ``dualhess analyze FILE.py`` does the same for
+the model of a user file (see :func:`load_user_file` for the convention).
+
+``dualhess compare A/report.json B/report.json`` overlays two reports and tabulates the
+differences.
+
+This module imports no framework: ``dualhess --help`` works without torch or jax.
+
+Examples
+--------
+.. code-block:: console
+
+    $ dualhess analyze                       # the embedded default, both frameworks
+    $ dualhess analyze my_model.py --top-k 10 --framework torch --out runs/after
+    $ dualhess compare runs/before runs/after --labels before after
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "load_user_file", "UserFileError"]
+
+USER_FILE_HELP = """\
+user files:
+  A model file defines three functions without arguments:
+    model()  the model: a torch.nn.Module, a flax nnx.Module, or a linen
+             (module, variables) pair
+    loss()   the loss: a torch loss module such as nn.CrossEntropyLoss() (its
+             reduction is honoured), or for Flax an optax-style function
+             (outputs, targets) -> scalar or per-sample values (averaged)
+    data()   the data: one batch (inputs, targets) or a list/iterable of batches
+             (a DataLoader with shuffle=False); for Flax numpy/jax arrays
+  The Hessian is that of the mean loss over all samples of data().
+  A PyTorch model is analysed in PyTorch and in JAX (its Flax twin with the same
+  weights) and the two are crosschecked; a Flax model is analysed in JAX.
+"""
+
+DEFAULT_OUT = "dualhess-report"
+
+
+class UserFileError(Exception):
+    """A user model file could not be used; the message names the file and the function."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dualhess`` command."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dualhess",
+        description="Hessian spectral analysis of neural networks in PyTorch and JAX/Flax, "
+        "with the two frameworks checking each other.",
+    )
+    parser.add_argument("--version", action="version", version=f"dualhess {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    an = sub.add_parser(
+        "analyze",
+        help="compute the top eigenvalues, trace, density and summary of a model's Hessian",
+        description="Compute the top-k eigenvalues (with residuals), the trace (XTrace +- "
+        "stderr, and the exact trace where BackPACK can), the eigenvalue density (stochastic "
+        "Lanczos quadrature) and a summary (lambda_max, lambda_min, negative spectral mass) "
+        "of the Hessian of a model's loss, in PyTorch and/or JAX, crosscheck the frameworks, "
+        "print a table and write report.json, report.md, density.png and eigenvalues.png. "
+        "Without FILE: a small CNN trained deterministically on scikit-learn's digits.",
+        epilog=USER_FILE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    an.add_argument("file", nargs="?", default=None, metavar="FILE.py",
+                    help="a Python file defining model(), loss() and data() (see below); "
+                    "default: the embedded digits CNN")
+    an.add_argument("--framework", choices=("torch", "jax", "both"), default=None,
+                    help="which frameworks compute: torch, jax, or both (crosschecked). "
+                    "Default: both for a PyTorch model, jax for a Flax model")
+    an.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+                    help="how many of the largest eigenvalues (default 5)")
+    an.add_argument("--trace-matvecs", type=_positive_int, default=100, metavar="M",
+                    help="Hessian-vector products for the XTrace estimate (default 100)")
+    an.add_argument("--density-probes", type=_positive_int, default=10, metavar="P",
+                    help="random probes of the spectral density (default 10)")
+    an.add_argument("--density-steps", type=_positive_int, default=60, metavar="S",
+                    help="Lanczos steps per density probe (default 60)")
+    an.add_argument("--seed", type=_seed, default=0,
+                    help="seed of the demo training and of every random probe (default 0)")
+    an.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="precision of the computation (default float64)")
+    an.add_argument("--device", default=None,
+                    help="device of the PyTorch side, e.g. cpu or cuda (default: where the "
+                    "model is); JAX uses its default device")
+    an.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                    help=f"output directory (default {DEFAULT_OUT}/)")
+    an.add_argument("--params", default=None, metavar="NAMES",
+                    help="a parameter block: comma-separated parameter names or name "
+                    "prefixes (e.g. 'conv1' or '0.weight,0.bias'); default all parameters")
+    an.add_argument("--no-plots", action="store_true",
+                    help="do not draw density.png and eigenvalues.png (no matplotlib needed)")
+    an.add_argument("--quiet", action="store_true",
+                    help="no progress bars and no step messages (the table is still printed)")
+    an.add_argument("--debug", action="store_true",
+                    help="show the full traceback on errors")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare two reports: overlaid plots and a table of differences",
+        description="Compare two report.json files (e.g. before/after training, two "
+        "optimisers, two frameworks): print a table of differences and write compare.md, "
+        "compare.json, density.png and eigenvalues.png.",
+    )
+    cmp.add_argument("reports", nargs=2, metavar="REPORT",
+                     help="two report.json files (or the directories holding them)")
+    cmp.add_argument("--out", default="dualhess-compare", metavar="DIR",
+                     help="output directory (default dualhess-compare/)")
+    cmp.add_argument("--labels", nargs=2, default=None, metavar=("A", "B"),
+                     help="names of the two reports in the table and legends (default A B)")
+    cmp.add_argument("--framework", default=None, choices=("torch", "jax"),
+                     help="which framework's numbers to take from each report (default: the "
+                     "first one of each)")
+    cmp.add_argument("--no-plots", action="store_true", help="do not draw the figures")
+    cmp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+# ---------------------------------------------------------------------- user files
+def load_user_file(path: str | Path) -> tuple[Any, Any, Any]:
+    """Import a user model file and call its ``model()``, ``loss()`` and ``data()``.
+
+    Parameters
+    ----------
+    path : path
+        A Python file defining the three functions (see ``dualhess analyze --help``).
+
+    Returns
+    -------
+    (model, loss_fn, data)
+
+    Raises
+    ------
+    UserFileError
+        The file is missing, cannot be imported, lacks one of the functions, or one of
+        them raised; the message names the file and the function.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserFileError(f"{path}: no such file")
+    if path.suffix != ".py":
+        raise UserFileError(f"{path}: expected a Python file (.py) defining model(), loss(), data()")
+    name = f"dualhess_user_{path.stem}_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - .py files always have one
+        raise UserFileError(f"{path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UserFileError(f"{path}: importing the file raised {_one_line(exc)}") from exc
+    missing = [f for f in ("model", "loss", "data") if not callable(getattr(module, f, None))]
+    if missing:
+        listed = ", ".join(f"{f}()" for f in missing)
+        raise UserFileError(
+            f"{path} does not define {listed}; a dualhess model file defines model(), loss() "
+            "and data() (see `dualhess analyze --help`)"
+        )
+    out = []
+    for fname in ("model", "loss", "data"):
+        try:
+            out.append(getattr(module, fname)())
+        except Exception as exc:
+            raise UserFileError(f"{path}: {fname}() raised {_one_line(exc)}") from exc
+    if out[2] is None:
+        raise UserFileError(f"{path}: data() returned None; return a batch (inputs, targets) "
+                            "or a list of batches")
+    return out[0], out[1], out[2]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------- commands
+def _log_to_stderr(quiet: bool) -> Any:
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    return log
+
+
+def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .analysis import AnalysisSettings, analyze, package_versions
+    from .report import SCHEMA_VERSION, format_table, write_report
+
+    settings = AnalysisSettings(
+        framework=args.framework,
+        top_k=args.top_k,
+        trace_matvecs=args.trace_matvecs,
+        density_probes=args.density_probes,
+        density_steps=args.density_steps,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        params=args.params,
+        progress=not args.quiet,
+    ).validate()
+    if args.dtype == "float64":
+        # JAX computes in float32 unless x64 is on before it is imported.
+        os.environ.setdefault("JAX_ENABLE_X64", "1")
+    log = _log_to_stderr(args.quiet)
+    t_start = time.perf_counter()
+    demo_info = None
+    if args.file is None:
+        # The demo's products are tiny: one thread is fastest, and threads spinning on a
+        # busy machine cost far more than they give (only effective before torch is imported).
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from .demo import demo_problem
+
+        model, loss_fn, data, demo_info = demo_problem(seed=args.seed, dtype=args.dtype, log=log)
+        source = "demo"
+    else:
+        model, loss_fn, data = load_user_file(args.file)
+        source = str(args.file)
+    setup = time.perf_counter() - t_start
+    report = analyze(model, loss_fn, data, settings, log=log)
+    report["timings"]["setup"] = round(setup, 6)
+    report["timings"]["total"] = round(time.perf_counter() - t_start, 6)
+    if demo_info is not None:
+        report["model"]["description"] = demo_info["description"]
+        report["model"]["train_accuracy"] = demo_info["train_accuracy"]
+    report.update(
+        schema_version=SCHEMA_VERSION,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command="dualhess " + " ".join(argv),
+        source=source,
+        seed=settings.seed,
+        settings=settings.to_dict(),
+        versions=package_versions(),
+        num_matvecs={f: r["num_matvecs"]["total"] for f, r in report["results"].items()},
+    )
+    paths = write_report(report, args.out, plots=not args.no_plots)
+    print(format_table(report))
+    print(f"\nwrote {', '.join(str(p) for p in paths)}  ({report['timings']['total']:.1f} s)")
+    agreement = report.get("agreement")
+    if agreement is not None and not agreement["passed"]:
+        print("warning: the two frameworks disagree beyond round-off; see report.md",
+              file=sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .report import compare
+
+    result = compare(args.reports[0], args.reports[1], args.out, labels=args.labels,
+                     framework=args.framework, plots=not args.no_plots)
+    print(result["table"])
+    if result["settings_differences"]:
+        print("settings that differ: " + "; ".join(
+            f"{k}: {v[0]} vs {v[1]}" for k, v in result["settings_differences"].items()))
+    print(f"\nwrote {', '.join(str(Path(args.out) / f) for f in result['files'])}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dualhess`` command; returns the exit status (0 ok, 1 failure, 2 bad input).
+
+    Errors print one line, ``dualhess: error: ...``, on stderr (the traceback with
+    ``--debug``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "analyze":
+            return _analyze(args, argv)
+        return _compare(args)
+    except (UserFileError, ValueError, FileNotFoundError, ImportError) as exc:
+        if args.debug:
+            raise
+        plain = isinstance(exc, (UserFileError, ValueError, FileNotFoundError))
+        message = str(exc).strip().splitlines()[0] if plain and str(exc).strip() else _one_line(exc)
+        print(f"dualhess: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, (UserFileError, FileNotFoundError)) else 1
+    except KeyboardInterrupt:
+        print("dualhess: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"dualhess: error: {_one_line(exc)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
