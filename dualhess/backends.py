@@ -202,8 +202,9 @@ def crosscheck_model(
     jax_side = get_backend("jax")
     if not torch_side.owns(model):
         raise TypeError("crosscheck_model takes a PyTorch nn.Module (its JAX twin is built for you)")
-    op_torch = torch_side.hessian(model, loss_fn, data, dtype=dtype, params=params, **hessian_options)
+    # the twin first: an unsupported layer is reported by the converter, naming it
     twin_op, align = jax_side.twin_hessian(model, loss_fn, data, dtype=dtype, params=params)
+    op_torch = torch_side.hessian(model, loss_fn, data, dtype=dtype, params=params, **hessian_options)
     return crosscheck(
         op_torch,
         twin_op,

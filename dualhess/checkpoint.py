@@ -1,5 +1,13 @@
 """Checkpoint and resume for long runs.
 
+How resuming works: the algorithms are deterministic given their integer ``seed`` and the
+operator's products, so a checkpoint stores the products computed so far (with a hash of each
+product's input). A re-run replays the algorithm: every product already in the file is read
+back instead of computed (after checking that the algorithm asked for the very same input),
+and the run continues from the first product that is missing. The result, ``num_matvecs``
+included, is therefore exactly that of an uninterrupted run. The file holds
+``n x num_matvecs`` numbers (the size of a Lanczos basis of the same length).
+
 A checkpoint is one ``.npz`` file holding an algorithm's state plus a *fingerprint*: the
 algorithm, its settings, the operator's size, dtype and type, and the product of the operator
 with a fixed probe. Re-running the same call with the same ``checkpoint=`` path resumes from the
@@ -24,12 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from ._array import dtype_name, is_float64, to_numpy
+from ._array import dtype_name, from_numpy, is_float64, to_numpy
 from .operator import Operator
 
-__all__ = ["Checkpoint", "CheckpointMismatchError", "open_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointMismatchError", "open_checkpoint", "checkpointed"]
 
 _PROBE_SEED = 20240601
+#: Products between two saves when ``checkpoint_every`` is not given.
+DEFAULT_EVERY = 10
 
 
 class CheckpointMismatchError(ValueError):
@@ -178,4 +188,94 @@ def open_checkpoint(
     """A :class:`Checkpoint` when ``path`` is given, else ``None`` (no checkpointing)."""
     if path is None:
         return None
-    return Checkpoint(path, op, kind, settings, every=1 if every is None else every)
+    return Checkpoint(path, op, kind, settings, every=DEFAULT_EVERY if every is None else every)
+
+
+class _ReplayOperator(Operator):
+    """Wraps an operator: products come from the checkpoint when there, else are computed
+    ``every`` columns at a time and saved."""
+
+    def __init__(self, op: Operator, ckpt: Checkpoint) -> None:
+        super().__init__(op.shape, op.dtype, like=op._like, check_finite=op.check_finite)
+        self.parent = op
+        self.layout = getattr(op, "layout", None)
+        self.ckpt = ckpt
+        state = ckpt.load() or {}
+        count = int(state.get("num_calls", 0))
+        self.inputs: list[str] = [str(state[f"in{i}"]) for i in range(count)]
+        self.outputs: list[np.ndarray] = [state[f"out{i}"] for i in range(count)]
+        self.call = 0
+        self.since_save = 0
+
+    def exact_diagonal(self) -> Any:
+        return self.parent.exact_diagonal()
+
+    def exact_trace(self) -> float:
+        return self.parent.exact_trace()
+
+    def _save(self) -> None:
+        state: dict[str, Any] = {"num_calls": len(self.outputs)}
+        for i, (digest, out) in enumerate(zip(self.inputs, self.outputs)):
+            state[f"in{i}"] = np.asarray(digest)
+            state[f"out{i}"] = out
+        self.ckpt.save(state)
+        self.since_save = 0
+
+    def _matmat(self, V: Any) -> Any:
+        import hashlib
+
+        host = np.ascontiguousarray(to_numpy(V))
+        digest = hashlib.sha256(host.tobytes()).hexdigest()
+        i = self.call
+        self.call += 1
+        if i < len(self.inputs):
+            if self.inputs[i] != digest:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.ckpt.path}: product {i} of the resumed run has another "
+                    "input than the checkpointed run (the run is not the same); delete the file"
+                )
+            done = self.outputs[i]
+        else:
+            self.inputs.append(digest)
+            done = np.zeros((host.shape[0], 0), dtype=host.dtype)
+            self.outputs.append(done)
+        k = host.shape[1]
+        while done.shape[1] < k:
+            # whole chunks, so that a checkpoint is due exactly every `every` products
+            step = min(self.ckpt.every - self.since_save, k - done.shape[1])
+            chunk = V[:, done.shape[1] : done.shape[1] + step]
+            part = to_numpy(self.parent.matmat(chunk))
+            done = np.concatenate([done, part], axis=1)
+            self.outputs[i] = done
+            self.since_save += step
+            if self.since_save >= self.ckpt.every:
+                self._save()
+        return from_numpy(done, self._like)
+
+
+class checkpointed:
+    """Context manager: the operator to run an algorithm on, with checkpoint and resume.
+
+    ``with checkpointed(op, path, every, kind, settings) as work: ...`` gives ``op`` itself
+    when ``path`` is None; otherwise a wrapper that replays saved products and saves new
+    ones. On normal exit the checkpoint file is removed; after an exception (or a kill) it
+    stays, and the same call resumes from it.
+    """
+
+    def __init__(
+        self,
+        op: Operator,
+        path: str | os.PathLike | None,
+        every: int | None,
+        kind: str,
+        settings: dict[str, Any],
+    ) -> None:
+        self.ckpt = open_checkpoint(path, op, kind, settings, every)
+        self.work = op if self.ckpt is None else _ReplayOperator(op, self.ckpt)
+
+    def __enter__(self) -> Operator:
+        return self.work
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and self.ckpt is not None:
+            self.ckpt.finish()

@@ -84,6 +84,8 @@ def density(
     num_grid: int = 1000,
     seed: Any = None,
     progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int | None = None,
 ) -> SpectralDensity:
     """Estimate the eigenvalue density of a symmetric operator (stochastic Lanczos quadrature).
 
@@ -115,6 +117,13 @@ def density(
     progress : bool
         Show a progress bar over the Lanczos steps.
 
+    checkpoint : str or path, optional
+        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
+        and resume from it when the same call is made again (needs an integer ``seed``); a
+        file made with other settings or another operator is refused. See
+        :mod:`dualhess.checkpoint`.
+    checkpoint_every : int, optional
+        Products between two saves.
     Returns
     -------
     SpectralDensity
@@ -134,6 +143,13 @@ def density(
     >>> d.nodes.shape, round(trapezoid(d.values, d.grid), 12)
     ((4, 30), 1.0)
     """
+    if checkpoint is not None:
+        from .checkpoint import checkpointed
+
+        op = check_operator(op, "density")
+        settings = {"num_probes": num_probes, "num_steps": num_steps, "sigma": sigma, "num_grid": num_grid, "seed": seed, "grid": None if grid is None else "given"}
+        with checkpointed(op, checkpoint, checkpoint_every, "density", settings) as work:
+            return density(work, num_probes=num_probes, num_steps=num_steps, sigma=sigma, grid=grid, num_grid=num_grid, seed=seed, progress=progress)
     where = "density"
     op = check_operator(op, where)
     p = check_positive_int(num_probes, "num_probes", where)

@@ -236,6 +236,8 @@ def eigsh(
     seed: Any = None,
     return_vectors: bool = True,
     progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int | None = None,
 ) -> Eigen:
     """Find ``k`` extreme eigenpairs of a symmetric operator (thick-restart Lanczos).
 
@@ -269,6 +271,13 @@ def eigsh(
     progress : bool
         Show a progress bar over ``max_matvecs``.
 
+    checkpoint : str or path, optional
+        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
+        and resume from it when the same call is made again (needs an integer ``seed``); a
+        file made with other settings or another operator is refused. See
+        :mod:`dualhess.checkpoint`.
+    checkpoint_every : int, optional
+        Products between two saves.
     Returns
     -------
     Eigen
@@ -310,6 +319,13 @@ def eigsh(
     >>> np.round(eigsh(op, k=1, which="LM", seed=0).values, 8)
     array([-5.])
     """
+    if checkpoint is not None:
+        from .checkpoint import checkpointed
+
+        op = check_operator(op, "eigsh")
+        settings = {"k": k, "which": which, "tol": tol, "max_matvecs": max_matvecs, "max_basis": max_basis, "seed": seed}
+        with checkpointed(op, checkpoint, checkpoint_every, "eigsh", settings) as work:
+            return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress)
     op = check_operator(op, "eigsh")
     n = op.n
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):

@@ -48,6 +48,8 @@ def lanczos(
     reorthogonalize: bool = True,
     return_basis: bool = False,
     progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int | None = None,
 ) -> Tridiagonal:
     """Run ``num_steps`` Lanczos steps from one or several start vectors.
 
@@ -76,6 +78,13 @@ def lanczos(
     progress : bool
         Show a progress bar.
 
+    checkpoint : str or path, optional
+        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
+        and resume from it when the same call is made again (needs an integer ``seed``); a
+        file made with other settings or another operator is refused. See
+        :mod:`dualhess.checkpoint`.
+    checkpoint_every : int, optional
+        Products between two saves.
     Returns
     -------
     Tridiagonal
@@ -90,6 +99,13 @@ def lanczos(
     >>> round(float(np.linalg.eigvalsh(T.matrix()).max()), 10)
     10.0
     """
+    if checkpoint is not None:
+        from .checkpoint import checkpointed
+
+        op = check_operator(op, "lanczos")
+        settings = {"num_steps": num_steps, "num_probes": num_probes, "seed": seed, "reorthogonalize": reorthogonalize, "start": None if start is None else "given"}
+        with checkpointed(op, checkpoint, checkpoint_every, "lanczos", settings) as work:
+            return lanczos(work, num_steps=num_steps, start=start, num_probes=num_probes, seed=seed, reorthogonalize=reorthogonalize, return_basis=return_basis, progress=progress)
     op = check_operator(op, "lanczos")
     m = check_positive_int(num_steps, "num_steps", "lanczos")
     check_positive_int(num_probes, "num_probes", "lanczos")

@@ -210,6 +210,8 @@ def trace(
     target_stderr: float | None = None,
     distribution: str = "rademacher",
     progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int | None = None,
 ) -> TraceEstimate:
     """Estimate the trace of a symmetric operator from products with random probes.
 
@@ -248,6 +250,13 @@ def trace(
     progress : bool
         Show a progress bar over the products.
 
+    checkpoint : str or path, optional
+        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
+        and resume from it when the same call is made again (needs an integer ``seed``); a
+        file made with other settings or another operator is refused. See
+        :mod:`dualhess.checkpoint`.
+    checkpoint_every : int, optional
+        Products between two saves.
     Returns
     -------
     TraceEstimate
@@ -277,6 +286,13 @@ def trace(
     >>> est.num_matvecs
     60
     """
+    if checkpoint is not None:
+        from .checkpoint import checkpointed
+
+        op = check_operator(op, "trace")
+        settings = {"method": method, "num_matvecs": num_matvecs, "seed": seed, "target_stderr": target_stderr, "distribution": distribution}
+        with checkpointed(op, checkpoint, checkpoint_every, "trace", settings) as work:
+            return trace(work, method=method, num_matvecs=num_matvecs, seed=seed, target_stderr=target_stderr, distribution=distribution, progress=progress)
     where = "trace"
     op = check_operator(op, where)
     method = _check_method(method, TRACE_METHODS, where)

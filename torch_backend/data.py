@@ -105,6 +105,26 @@ def _shuffled_loader(data: Any) -> bool:
     return any(isinstance(s, RandomSampler) for s in samplers)
 
 
+def _twice_differentiable(loss_fn: Any) -> Any:
+    """An equivalent loss whose forward-over-reverse derivatives work.
+
+    ``nn.MSELoss`` (``F.mse_loss``) fails under ``torch.func.jvp`` of ``grad`` on torch 2.13
+    ("ZeroTensors are immutable" in its double backward); the same mean/sum of squared
+    differences written out has the same value and derivatives and works with every engine.
+    """
+    if isinstance(loss_fn, torch.nn.MSELoss) and loss_fn.reduction in ("mean", "sum"):
+        reduce = torch.mean if loss_fn.reduction == "mean" else torch.sum
+
+        def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            if outputs.shape != targets.shape:  # nn.MSELoss broadcasts (with a warning)
+                outputs, targets = torch.broadcast_tensors(outputs, targets)
+            return reduce((outputs - targets) ** 2)
+
+        mse.reduction = loss_fn.reduction  # type: ignore[attr-defined]
+        return mse
+    return loss_fn
+
+
 class Problem:
     """The fixed optimisation problem behind a curvature operator.
 
@@ -138,6 +158,7 @@ class Problem:
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self._product_loss = _twice_differentiable(loss_fn)
         self.reduction = reduction
         self.dtype = dtype
         self.device = device
@@ -263,7 +284,7 @@ class Problem:
     def batch_loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """The (unweighted) loss of one batch."""
         inputs, targets = batch
-        return self.loss_fn(self.call(params, inputs), targets)
+        return self._product_loss(self.call(params, inputs), targets)
 
     def total_loss(self, params: dict[str, torch.Tensor]) -> float:
         """The loss of the whole data set (no graph), checked to be a finite scalar."""

@@ -168,6 +168,7 @@ class HessianOperator(TorchCurvatureOperator):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method_timings: dict[str, float] = {}
+        self.method_failures: dict[str, str] = {}
         if method == "auto":
             method = self._choose_method()
         self.method = method
@@ -177,10 +178,19 @@ class HessianOperator(TorchCurvatureOperator):
         v = self.asarray(np.random.default_rng(1).standard_normal((self.n, 2)))
         for name in ("func", "autograd"):
             engine = ENGINES[name](self.problem, self.layout, self.selected, self.fixed)
-            engine.matmat(v)  # warm-up (graph building, caches)
+            try:
+                engine.matmat(v)  # warm-up (graph building, caches)
+            except RuntimeError as exc:  # e.g. an op without forward-over-reverse support
+                self.method_failures[name] = str(exc).splitlines()[0]
+                continue
             start = time.perf_counter()
             engine.matmat(v)
             self.method_timings[name] = (time.perf_counter() - start) / 2
+        if not self.method_timings:
+            raise RuntimeError(
+                "no HVP method works for this model: "
+                + "; ".join(f"{k}: {v}" for k, v in self.method_failures.items())
+            )
         return min(self.method_timings, key=self.method_timings.get)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:

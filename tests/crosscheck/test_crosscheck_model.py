@@ -1,0 +1,121 @@
+"""dualhess.crosscheck_model and dualhess.crosscheck on torch operators vs their JAX twins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+
+import crosscheck_models as cm  # noqa: E402  (registered by conftest.py)
+import jax.numpy as jnp  # noqa: E402
+
+import dualhess  # noqa: E402
+import jax_backend  # noqa: E402
+import torch_backend  # noqa: E402
+
+pytestmark = pytest.mark.both
+
+MODELS = ["mlp", "cnn", "bn_cnn", "layernorm_mlp", "resnet", "embedding"]
+
+
+def _data(case):
+    inputs = case.inputs[0] if len(case.inputs) == 1 else case.inputs
+    return inputs, case.targets
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_crosscheck_model_passes_at_float64_rtol(name):
+    case = cm.build(name)
+    report = dualhess.crosscheck_model(case.model, case.loss, _data(case), k=2, num_probes=4)
+    assert report.passed, str(report)
+    assert report.rtol == 1e-10
+    assert report.max_rel_diff <= 1e-10
+    assert report.labels == ("torch", "jax")
+    assert [b.name for b in report.blocks] == [n for n, p in case.model.named_parameters() if p.requires_grad]
+
+
+def test_dualhess_hessian_dispatches_on_the_framework():
+    case = cm.build("mlp")
+    op = dualhess.hessian(case.model, case.loss, _data(case), method="func")
+    assert isinstance(op, torch_backend.HessianOperator)
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    x, y = np.ones((4, 3)), np.array([0, 1, 1, 0])
+
+    def loss(out, t):
+        return jnp.mean((out - jax.nn.one_hot(t, 2)) ** 2)
+
+    op = dualhess.hessian(model, loss, (x, y))
+    assert op.framework == "jax" and op.n == 8
+    with pytest.raises(TypeError, match="cannot tell which framework"):
+        dualhess.hessian(object(), loss, (x, y))
+
+
+def _twin_operator(case, penalty=None):
+    twin = jax_backend.from_torch(case.model, case.inputs)
+    loss = jax_backend.loss_from_torch(case.loss)
+    batch = jax_backend.batch_from_torch((case.inputs, case.targets))
+
+    def loss_fn(params, b):
+        inputs, targets = b
+        value = loss(twin.apply(params, *inputs), targets)
+        if penalty is not None:
+            value = value + penalty(params)
+        return value
+
+    return jax_backend.hessian(loss_fn, twin.params, batch), twin
+
+
+def test_perturbed_twin_weight_fails():
+    case = cm.build("cnn")
+    op_t = torch_backend.hessian(case.model, case.loss, _data(case), method="func")
+    op_j, twin = _twin_operator(case)
+    assert dualhess.crosscheck(op_t, op_j, align=twin.align, k=0, num_probes=4).passed
+    # move one weight of the twin by 1e-6: the Hessians now differ far above 1e-10
+    leaves, treedef = jax.tree_util.tree_flatten(twin.params)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].add(1e-6)
+    perturbed = jax.tree_util.tree_unflatten(treedef, leaves)
+    loss = jax_backend.loss_from_torch(case.loss)
+    batch = jax_backend.batch_from_torch((case.inputs, case.targets))
+    op_p = jax_backend.hessian(lambda p, b: loss(twin.apply(p, *b[0]), b[1]), perturbed, batch)
+    report = dualhess.crosscheck(op_t, op_p, align=twin.align, k=2, num_probes=4)
+    assert not report.passed
+    assert report.max_rel_diff > 1e-10
+
+
+def test_difference_confined_to_one_block_is_named():
+    case = cm.build("mlp")
+    op_t = torch_backend.hessian(case.model, case.loss, _data(case), method="func")
+    # an L2 penalty on the last layer's weight, on the JAX side only
+    op_j, twin = _twin_operator(case, penalty=lambda p: 1e-4 * jnp.sum(p["2"]["weight"] ** 2))
+    report = dualhess.crosscheck(op_t, op_j, align=twin.align, k=2, num_probes=6)
+    assert not report.passed
+    assert report.failing_blocks == ["2.weight"]
+    assert "disagreeing blocks: 2.weight" in str(report)
+
+
+def test_parameter_block_crosscheck():
+    case = cm.build("cnn")
+    names = [n for n, _ in case.model.named_parameters()][-2:]
+    report = dualhess.crosscheck_model(case.model, case.loss, _data(case), k=1, num_probes=3, params=names)
+    assert report.passed, str(report)
+    assert [b.name for b in report.blocks] == names
+
+
+def test_sum_reduction_and_several_batches():
+    case = cm.build("mlp")
+    x, y = _data(case)
+    loss = torch.nn.CrossEntropyLoss(reduction="sum")
+    data = [(x[:7], y[:7]), (x[7:], y[7:])]
+    report = dualhess.crosscheck_model(case.model, loss, data, k=1, num_probes=3)
+    assert report.passed, str(report)
+
+
+def test_unsupported_op_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LSTM(4, 2)).double().eval()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="LSTM"):
+        dualhess.crosscheck_model(model, torch.nn.CrossEntropyLoss(), (x, y))
