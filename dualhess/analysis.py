@@ -181,6 +181,10 @@ def resolve_params(spec: str | None, names: Sequence[str]) -> list[str] | None:
     return [n for n in names if n in chosen]
 
 
+#: Eigenvalues below ``-this * max|lambda|`` count as negative spectral mass.
+NEGATIVE_MASS_RELATIVE_THRESHOLD = 1e-3
+
+
 def negative_mass(nodes: Any, weights: Any, threshold: float = 0.0) -> float:
     """The spectral mass below ``-threshold``: the mean over probes of the quadrature
     weights of the nodes (Ritz values) below ``-threshold``.
@@ -375,9 +379,13 @@ def analyze_operator(
     lam_max = float(values[order[0]])
     lam_min = float(np.asarray(bottom.values, dtype=np.float64)[0])
     scale = max(abs(lam_max), abs(lam_min), float(np.max(np.abs(nodes))) if nodes.size else 0.0)
-    # Ritz values of (numerically) zero eigenvalues scatter around 0 by ~ eps * ||H||; only
-    # mass clearly below zero at the working precision counts as negative.
-    threshold = float(np.sqrt(np.finfo(np.float64 if is_float64(op.dtype) else np.float32).eps)) * scale
+    # Network Hessians carry a large cluster of (near-)zero eigenvalues. With a few dozen
+    # Lanczos steps the Gauss quadrature represents that cluster by Ritz values that can sit
+    # a little below zero with the cluster's whole weight, so "mass below 0" from the nodes
+    # is not resolvable. Negative mass counts eigenvalues below -1e-3 * max|lambda| (measured
+    # on the demo CNN against its dense spectrum: SLQ 0.037 vs exact 0.040 at this threshold,
+    # but 0.80 vs 0.058 at sqrt(eps) * max|lambda|).
+    threshold = NEGATIVE_MASS_RELATIVE_THRESHOLD * scale
     dens_dict = dens.to_dict()
     return {
         "framework": label or op.framework,

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--params", default=None, metavar="NAMES",
                     help="a parameter block: comma-separated parameter names or name "
                     "prefixes (e.g. 'conv1' or '0.weight,0.bias'); default all parameters")
+    an.add_argument("--per-layer", action="store_true",
+                    help="also compute the top eigenvalue and trace of each layer's Hessian "
+                    "block (in the model's own framework): a table, report.json's per_layer "
+                    "and per_layer.png")
     an.add_argument("--no-plots", action="store_true",
                     help="do not draw density.png and eigenvalues.png (no matplotlib needed)")
     an.add_argument("--quiet", action="store_true",
@@ -274,6 +278,9 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         versions=package_versions(),
         num_matvecs={f: r["num_matvecs"]["total"] for f, r in report["results"].items()},
     )
+    report["per_layer"] = None
+    if args.per_layer:
+        report["per_layer"] = _per_layer(model, loss_fn, data, args, log)
     paths = write_report(report, args.out, plots=not args.no_plots)
     print(format_table(report))
     print(f"\nwrote {', '.join(str(p) for p in paths)}  ({report['timings']['total']:.1f} s)")
@@ -282,6 +289,22 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print("warning: the two frameworks disagree beyond round-off; see report.md",
               file=sys.stderr)
     return 0
+
+
+def _per_layer(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, log: Any) -> dict:
+    """Per-layer spectra in the model's own framework; prints the table, draws the plot."""
+    from .backends import hessian
+    from .per_layer import per_layer_spectra
+
+    log("per-layer spectra: the Hessian block of each layer")
+    op = hessian(model, loss_fn, data, dtype=args.dtype)
+    spectra = per_layer_spectra(op, groups="layer", trace_matvecs=args.trace_matvecs, seed=args.seed)
+    print(spectra.table())
+    if not args.no_plots:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        spectra.plot(out / "per_layer.png")
+    return {"framework": op.framework, "rows": spectra.rows()}
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -88,8 +88,8 @@ SCHEMA: dict[str, str] = {
     "results.<framework>.summary.lambda_min": "smallest eigenvalue",
     "results.<framework>.summary.negative_mass": "spectral mass below zero: mean over probes of "
     "the weights of nodes below -negative_mass_threshold",
-    "results.<framework>.summary.negative_mass_threshold": "sqrt(machine eps) * spectral "
-    "scale: Ritz values of zero eigenvalues closer to 0 than this are not negative",
+    "results.<framework>.summary.negative_mass_threshold": "1e-3 * max|lambda|: eigenvalues "
+    "between -threshold and 0 belong to the near-zero cluster SLQ cannot resolve",
     "results.<framework>.summary.trace": "the exact trace when available, else XTrace's",
     "results.<framework>.timings": "seconds per step (eigsh, eigsh_min, trace, exact_trace, "
     "density)",
@@ -102,6 +102,8 @@ SCHEMA: dict[str, str] = {
     "timings": "seconds: setup (training or loading), build_<framework>, each framework's "
     "analysis, crosscheck, total",
     "num_matvecs": "total Hessian-vector products per framework",
+    "per_layer": "null unless --per-layer; else framework and rows (layer, size, top "
+    "eigenvalue, its residual, trace and how it was computed) of each layer's Hessian block",
     "files": "the files written next to report.json",
 }
 
@@ -334,6 +336,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = T
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = ["report.json", "report.md"] + (["density.png", "eigenvalues.png"] if plots else [])
+    if plots and report.get("per_layer") is not None and (out / "per_layer.png").exists():
+        names.append("per_layer.png")
     report["files"] = names
     missing = missing_keys(report)
     if missing:

@@ -181,7 +181,7 @@ def test_readme_documents_exactly_the_schema():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "examples" / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "report.md").read_text()
     section = text.split("## `report.json` keys", 1)[1]
     documented = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
     assert documented == list(SCHEMA)
