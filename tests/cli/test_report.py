@@ -51,7 +51,8 @@ def _full_report(scale: float = 1.0) -> dict:
                   settings=settings.to_dict(), versions={"numpy": np.__version__},
                   model={"framework": "numpy", "type": "matrix", "num_params": N,
                          "params": None, "layout": None},
-                  num_matvecs={k: r["num_matvecs"]["total"] for k, r in report["results"].items()})
+                  num_matvecs={k: r["num_matvecs"]["total"] for k, r in report["results"].items()},
+                  per_layer=None)
     report["timings"]["total"] = 0.0
     return report
 
