@@ -138,6 +138,20 @@ def _batch_size(batch: Any) -> int:
     return int(jax.tree_util.tree_leaves(batch)[0].shape[0])
 
 
+def _free_device_memory() -> int:
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 2**31  # pragma: no cover
+
+
 # ---------------------------------------------------------------------- operator
 class PytreeOperator(Operator):
     """A curvature operator on the flattened parameters of a pytree, fixed on its data.
@@ -169,6 +183,8 @@ class PytreeOperator(Operator):
         where: str,
         prefix: str = "",
     ) -> None:
+        auto_chunk = chunk_size == "auto"
+        chunk_size = None if auto_chunk else chunk_size
         flat, unravel, treedef, layout, dtype = _prepare_params(params, dtype, where, prefix)
         self._where = where
         self._unravel_fn = unravel
@@ -198,6 +214,31 @@ class PytreeOperator(Operator):
 
         self._matvec_jit = jax.jit(total)
         self._matmat_jit = jax.jit(jax.vmap(total, in_axes=(None, None, 1), out_axes=1))
+        if auto_chunk:
+            self.chunk_size = self.auto_chunk_size()
+
+    def auto_chunk_size(self) -> int:
+        """The largest ``chunk_size`` whose vectorised product fits in free device memory.
+
+        XLA's own accounting of the compiled product (``memory_analysis()``) for 1 and 2
+        columns gives the fixed and the per-column bytes; free memory is the device's
+        ``bytes_limit - bytes_in_use`` (GPU/TPU) or the host's MemAvailable (CPU). 20% is
+        kept as head-room. Peak memory is then about ``chunk_size`` x one product.
+        """
+
+        def bytes_for(k: int) -> int:
+            cols = jnp.zeros((self.n, k), self.dtype)
+            compiled = self._matmat_jit.lower(self.params_flat, self.dataset.groups, cols).compile()
+            stats = compiled.memory_analysis()
+            if stats is None:  # pragma: no cover - backends without the analysis
+                return 4 * self.n * k * jnp.dtype(self.dtype).itemsize
+            return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+
+        one, two = bytes_for(1), bytes_for(2)
+        per_column = max(two - one, 4 * self.n * jnp.dtype(self.dtype).itemsize)
+        fixed = max(one - per_column, 0)
+        budget = 0.8 * _free_device_memory() - fixed
+        return int(max(1, min(self.n, budget // per_column)))
 
     # -- to be provided by subclasses
     def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
@@ -424,8 +465,10 @@ def hessian(
         batches (a list, a generator); every leaf has a leading batch dimension. The
         operator is the exact mean over all samples: batches are weighted by size, so an
         unequal last batch is handled exactly. Batches are kept on the device.
-    chunk_size : int, optional
-        Columns per vectorised call in ``matmat`` (peak memory ``chunk_size`` products).
+    chunk_size : int or "auto", optional
+        Columns per vectorised call in ``matmat`` (peak memory ``chunk_size`` products);
+        ``"auto"``: the largest chunk that fits in free device memory, from XLA's memory
+        analysis of the compiled product (:meth:`PytreeOperator.auto_chunk_size`).
     dtype : dtype, optional
         Computation dtype; default: that of the parameters. ``jnp.float64`` needs
         ``jax.config.update("jax_enable_x64", True)``; without it this is an error, never

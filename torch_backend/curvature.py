@@ -238,7 +238,7 @@ def ggn(
     data: Any,
     *,
     params: ParamSpec = None,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
     dtype: torch.dtype | None = None,
     device: Any = None,
     reduction: str | None = None,
@@ -271,7 +271,8 @@ def ggn(
         reduction=reduction,
         check_deterministic=check_deterministic,
     )
-    op = GGNOperator(problem, layout, selected, fixed, chunk_size)
+    op = GGNOperator(problem, layout, selected, fixed, None if chunk_size == "auto" else chunk_size)
+    _resolve_auto_chunk(op, chunk_size)
     if check_deterministic:
         op._check_deterministic()
     return op
@@ -286,7 +287,7 @@ def fisher(
     num_samples: int = 1,
     seed: Any = 0,
     params: ParamSpec = None,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
     dtype: torch.dtype | None = None,
     device: Any = None,
     reduction: str | None = None,
@@ -327,8 +328,16 @@ def fisher(
         kind=kind,
         num_samples=num_samples,
         seed=seed,
-        chunk_size=chunk_size,
+        chunk_size=None if chunk_size == "auto" else chunk_size,
     )
+    _resolve_auto_chunk(op, chunk_size)
     if check_deterministic:
         op._check_deterministic()
     return op
+
+
+def _resolve_auto_chunk(op: Any, chunk_size: Any) -> None:
+    if chunk_size == "auto":
+        from .memory import auto_chunk_size
+
+        op.chunk_size = auto_chunk_size(op)

@@ -223,7 +223,7 @@ def hessian(
     *,
     params: ParamSpec = None,
     method: str = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
     dtype: torch.dtype | None = None,
     device: Any = None,
     reduction: str | None = None,
@@ -251,8 +251,10 @@ def hessian(
     method : {"auto", "func", "autograd", "pyhessian"}
         HVP engine (see :mod:`torch_backend.engines`). ``"auto"`` times ``func`` and
         ``autograd`` at construction and keeps the faster (``op.method``).
-    chunk_size : int, optional
-        Columns per vectorised call in ``matmat`` (bounds memory).
+    chunk_size : int or "auto", optional
+        Columns per vectorised call in ``matmat``: peak memory is about ``chunk_size`` x one
+        product. ``"auto"`` measures one product's memory and picks the largest chunk that
+        fits in the free device memory (:mod:`torch_backend.memory`).
     dtype : torch.dtype, optional
         Analyse a copy of the model and data in this dtype (e.g. ``torch.float64``).
     device : torch.device or str, optional
@@ -290,7 +292,14 @@ def hessian(
         reduction=reduction,
         check_deterministic=check_deterministic,
     )
-    op = HessianOperator(problem, layout, selected, fixed, method=method, chunk_size=chunk_size)
+    auto = chunk_size == "auto"
+    op = HessianOperator(
+        problem, layout, selected, fixed, method=method, chunk_size=None if auto else chunk_size
+    )
+    if auto:
+        from .memory import auto_chunk_size
+
+        op.chunk_size = auto_chunk_size(op)
     if check_deterministic:
         op._check_deterministic()
     return op
