@@ -36,6 +36,7 @@ Examples
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -223,17 +224,17 @@ class HessianMonitor:
 
 
 def _lightning_callback_base() -> type:
-    try:
-        from lightning.pytorch.callbacks import Callback
-    except ImportError:
+    errors = []
+    for module in ("lightning.pytorch.callbacks", "pytorch_lightning.callbacks"):
         try:
-            from pytorch_lightning.callbacks import Callback
-        except ImportError as err:
-            raise ImportError(
-                "HessianMonitorCallback needs PyTorch Lightning: pip install lightning "
-                "(for plain training loops use torch_backend.monitor.HessianMonitor)"
-            ) from err
-    return Callback
+            return importlib.import_module(module).Callback
+        except Exception as err:  # noqa: BLE001 - a broken install (e.g. a torchvision built
+            errors.append(f"{module}: {type(err).__name__}: {err}")  # for another torch)
+    raise ImportError(
+        "HessianMonitorCallback needs a working PyTorch Lightning (pip install lightning); "
+        "importing it failed: " + " | ".join(errors) + ". For plain training loops use "
+        "torch_backend.HessianMonitor"
+    )
 
 
 def _make_callback_class() -> type:

@@ -56,8 +56,8 @@ def test_matfree_trace_of_a_jax_hessian():
     params = {"w": jnp.asarray(rng.standard_normal((4, 3))), "v": jnp.asarray(rng.standard_normal(3))}
     op = hessian(loss_fn, params, (x, t))
     exact = float(np.trace(np.asarray(op.to_dense())))
-    sampler = stochtrace.sampler_rademacher(jnp.zeros(op.n), num=2000)
-    estimate = stochtrace.estimator(stochtrace.integrand_trace(), sampler)
+    sampler = stochtrace.sampler_signs(jnp.zeros(op.n), num=2000)
+    estimate = stochtrace.estimator_monte_carlo(stochtrace.monte_carlo_trace(), sampler)
     value = float(estimate(op._matvec, jax.random.PRNGKey(0)))  # the traceable product
     H = np.asarray(op.to_dense())
     sigma = np.sqrt(2 * (np.sum(H**2) - np.sum(np.diag(H) ** 2)))

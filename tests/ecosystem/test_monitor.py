@@ -82,11 +82,23 @@ def test_monitor_restores_train_mode_and_checks_input():
         HessianMonitor(model, torch.nn.CrossEntropyLoss(), (X, y)).plot()
 
 
-def test_lightning_callback():
-    pytest.importorskip("lightning")
-    from torch_backend.monitor import HessianMonitorCallback
+def _lightning_usable() -> str | None:
+    """None when Lightning imports here, else why not (missing, or a broken install such as a
+    torchvision built for another torch)."""
+    try:
+        import lightning.pytorch  # noqa: F401
+    except Exception as err:  # noqa: BLE001
+        return f"{type(err).__name__}: {err}"
+    return None
 
-    L = pytest.importorskip("lightning.pytorch")
+
+def test_lightning_callback():
+    why = _lightning_usable()
+    if why is not None:
+        pytest.skip(f"lightning is not usable here ({why})")
+    import lightning.pytorch as L
+
+    from torch_backend.monitor import HessianMonitorCallback
     X, y = load_digits(torch.float64, n=32, flat=True)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -114,16 +126,8 @@ def test_lightning_callback():
 
 
 def test_lightning_missing_is_a_clear_import_error():
-    try:
-        import lightning  # noqa: F401
-        pytest.skip("lightning is installed")
-    except ImportError:
-        pass
-    try:
-        import pytorch_lightning  # noqa: F401
-        pytest.skip("pytorch_lightning is installed")
-    except ImportError:
-        pass
+    if _lightning_usable() is None:
+        pytest.skip("lightning is installed and works")
     import torch_backend.monitor as mon
 
     with pytest.raises(ImportError, match="pip install lightning"):
