@@ -154,8 +154,19 @@ class Checkpoint:
             )
         return state
 
+    @staticmethod
+    def _writer() -> bool:
+        """Under ``torchrun`` every rank runs the same algorithm; only rank 0 writes."""
+        return os.environ.get("RANK", "0") == "0"
+
     def save(self, state: dict[str, Any]) -> None:
-        """Write ``state`` (arrays and scalars; native arrays are moved to numpy) atomically."""
+        """Write ``state`` (arrays and scalars; native arrays are moved to numpy) atomically.
+
+        Under ``torch.distributed`` (``RANK`` set by ``torchrun``) only rank 0 writes; every
+        rank reads the same file when resuming.
+        """
+        if not self._writer():
+            return
         arrays = {k: to_numpy(v) if hasattr(v, "shape") else np.asarray(v) for k, v in state.items()}
         arrays["__meta__"] = np.asarray(json.dumps(self.meta))
         arrays["__probe_product__"] = self.probe_product
@@ -174,7 +185,7 @@ class Checkpoint:
 
     def finish(self) -> None:
         """The run completed: remove the file unless ``keep``."""
-        if not self.keep and self.path.exists():
+        if not self.keep and self._writer() and self.path.exists():
             self.path.unlink()
 
 
