@@ -44,13 +44,13 @@ SCRIPT = textwrap.dedent(
     V = jnp.asarray(rng.standard_normal((single.n, 5)))
     A, B = np.asarray(single.matmat(V)), np.asarray(multi.matmat(V))
     assert np.abs(A - B).max() <= 1e-12 * np.abs(A).max()
-    e1, e2 = dualhess.eigsh(single, k=3, tol=1e-10, seed=0), dualhess.eigsh(multi, k=3, tol=1e-10, seed=0)
+    e1, e2 = dualhess.eigsh(single, k=2, tol=1e-10, seed=0), dualhess.eigsh(multi, k=2, tol=1e-10, seed=0)
     np.testing.assert_allclose(e1.values, e2.values, rtol=1e-12)
     t1 = dualhess.trace(single, num_matvecs=30, seed=0).value
     t2 = dualhess.trace(multi, num_matvecs=30, seed=0).value
     assert abs(t1 - t2) <= 1e-12 * abs(t1), (t1, t2)
-    d1 = dualhess.density(single, num_probes=3, num_steps=15, seed=0)
-    d2 = dualhess.density(multi, num_probes=3, num_steps=15, seed=0)
+    d1 = dualhess.density(single, num_probes=2, num_steps=8, seed=0)
+    d2 = dualhess.density(multi, num_probes=2, num_steps=8, seed=0)
     np.testing.assert_allclose(d1.nodes, d2.nodes, rtol=1e-10, atol=1e-12)
     print("OK", sharded)
     """
