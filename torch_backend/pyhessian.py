@@ -160,7 +160,9 @@ class hessian:  # noqa: N801 - PyHessian's name, so that only the import changes
     def _to_flat(self, v: list[torch.Tensor]) -> torch.Tensor:
         names = self.operator.layout.names
         if len(v) != len(names):
-            raise ValueError(f"expected a list of {len(names)} tensors (one per parameter), got {len(v)}")
+            raise ValueError(
+                f"expected a list of {len(names)} tensors (one per parameter), got {len(v)}"
+            )
         flat = torch.cat([t.reshape(-1) for t in v])
         return flat.to(dtype=self.operator.dtype, device=self.operator.device)
 
@@ -227,7 +229,11 @@ class hessian:  # noqa: N801 - PyHessian's name, so that only the import changes
         else:
             which = "LA" if selection == "algebraic" else "LM"
             eig = eigsh(
-                op, k=top_n, which=which, tol=tol, seed=self._rng,
+                op,
+                k=top_n,
+                which=which,
+                tol=tol,
+                seed=self._rng,
                 max_matvecs=max(maxIter * top_n, 100 + 2 * top_n),
             )
             values, vectors = np.asarray(eig.values), eig.vectors
@@ -257,7 +263,10 @@ class hessian:  # noqa: N801 - PyHessian's name, so that only the import changes
         while len(samples) < maxIter:
             block = min(TRACE_BLOCK, maxIter - len(samples))
             est = _trace(
-                self.operator, method="hutchinson", num_matvecs=block, seed=self._rng,
+                self.operator,
+                method="hutchinson",
+                num_matvecs=block,
+                seed=self._rng,
                 distribution="rademacher",
             )
             for value in np.asarray(est.samples, dtype=np.float64):
@@ -269,7 +278,9 @@ class hessian:  # noqa: N801 - PyHessian's name, so that only the import changes
         return samples
 
     def density(
-        self, iter: int = 100, n_v: int = 1  # noqa: A002 - PyHessian's argument name
+        self,
+        iter: int = 100,
+        n_v: int = 1,  # noqa: A002 - PyHessian's argument name
     ) -> tuple[list[list[float]], list[list[float]]]:
         """Stochastic Lanczos quadrature (PyHessian's return shapes).
 
