@@ -139,6 +139,7 @@ def lanczos(
     eps = float(np.finfo(np.float32 if "32" in str(op.dtype) else np.float64).eps)
     scale = 0.0
 
+    fixed_shapes = op.framework == "jax"
     bar = progress_bar(progress, m, "lanczos")
     try:
         for j in range(m):
@@ -149,9 +150,12 @@ def lanczos(
                 W = W - Q_prev * beta_prev
             if reorthogonalize:
                 Wt = xp.permute_dims(W, (1, 0))[:, :, None]  # (p, n, 1)
+                # numpy/torch: only the j + 1 vectors so far (a free view); jax: the whole
+                # fixed-shape basis (zero beyond j), so that eager jax compiles once.
+                done = stacked if fixed_shapes else stacked[:, :, : j + 1]
                 for _ in range(2):  # "twice is enough"
-                    coeff = xp.matmul(xp.permute_dims(stacked, (0, 2, 1)), Wt)  # (p, m, 1)
-                    Wt = Wt - xp.matmul(stacked, coeff)
+                    coeff = xp.matmul(xp.permute_dims(done, (0, 2, 1)), Wt)  # (p, j+1, 1)
+                    Wt = Wt - xp.matmul(done, coeff)
                 W = xp.permute_dims(Wt[:, :, 0], (1, 0))
             a_np = to_numpy(a).astype(np.float64)
             alpha[active, j] = a_np[active]
