@@ -83,6 +83,7 @@ def density(
     grid: Any = None,
     num_grid: int = 1000,
     seed: Any = None,
+    reorthogonalize: bool = True,
     progress: bool = False,
     checkpoint: Any = None,
     checkpoint_every: int | None = None,
@@ -114,6 +115,11 @@ def density(
         Number of default grid points.
     seed : int, numpy.random.Generator or None
         Randomness for the probes; None is truly random.
+    reorthogonalize : bool
+        Full reorthogonalisation in the Lanczos runs (default). For very large ``n`` with
+        many probes its memory traffic (``num_probes x n x num_steps`` numbers per step) can
+        cost more than the products; the quadrature stays usable without it (ghost Ritz
+        values split their weight), at some loss of accuracy.
     progress : bool
         Show a progress bar over the Lanczos steps.
 
@@ -147,9 +153,9 @@ def density(
         from .checkpoint import checkpointed
 
         op = check_operator(op, "density")
-        settings = {"num_probes": num_probes, "num_steps": num_steps, "sigma": sigma, "num_grid": num_grid, "seed": seed, "grid": None if grid is None else "given"}
+        settings = {"num_probes": num_probes, "num_steps": num_steps, "sigma": sigma, "num_grid": num_grid, "seed": seed, "reorthogonalize": reorthogonalize, "grid": None if grid is None else "given"}
         with checkpointed(op, checkpoint, checkpoint_every, "density", settings) as work:
-            return density(work, num_probes=num_probes, num_steps=num_steps, sigma=sigma, grid=grid, num_grid=num_grid, seed=seed, progress=progress)
+            return density(work, num_probes=num_probes, num_steps=num_steps, sigma=sigma, grid=grid, num_grid=num_grid, seed=seed, reorthogonalize=reorthogonalize, progress=progress)
     where = "density"
     op = check_operator(op, where)
     p = check_positive_int(num_probes, "num_probes", where)
@@ -167,7 +173,8 @@ def density(
 
     rng = default_rng(seed)
     start = op.asarray(_draw_probes(rng, op.n, p, "rademacher"))
-    tri = lanczos(op, m, start=start, progress=progress)  # lanczos draws the progress bar
+    # lanczos draws the progress bar
+    tri = lanczos(op, m, start=start, reorthogonalize=reorthogonalize, progress=progress)
 
     nodes = np.zeros((p, m))
     weights = np.zeros((p, m))
