@@ -574,6 +574,39 @@ def per_layer_spectra(
 
 
 # ---------------------------------------------------------------------- tracking
+
+class TrackerViews:
+    """The history views every training-time monitor shares (torch, JAX, Lightning).
+
+    A monitor holds a :class:`SpectrumTracker` as ``self.tracker``; these read through it.
+    """
+
+    tracker: SpectrumTracker
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.tracker.history
+
+    @property
+    def steps(self) -> list[int]:
+        return self.tracker.steps
+
+    def values(self, metric: str) -> list[float]:
+        """The logged values of ``"top_eigenvalue"`` or ``"trace"``."""
+        return self.tracker.values(metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.tracker.to_dict()
+
+    def save(self, path: Any) -> None:
+        """Write the settings and the history as JSON."""
+        self.tracker.save(path)
+
+    def plot(self, path: Any = None, **kwargs: Any) -> Any:
+        """Plot the history (one panel per metric); saves to ``path`` when given."""
+        return self.tracker.plot(path, **kwargs)
+
+
 class SpectrumTracker:
     """Follow ``lambda_max`` and the trace of a changing operator (the monitors' core).
 

@@ -39,14 +39,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dualhess.per_layer import MONITOR_METRICS, SpectrumTracker
+from dualhess.per_layer import MONITOR_METRICS, SpectrumTracker, TrackerViews
 
 from .hessian import HessianOperator, hessian
 
 __all__ = ["HessianMonitor"]
 
 
-class HessianMonitor:
+class HessianMonitor(TrackerViews):
     """Log the Hessian's top eigenvalue and trace every ``every`` steps of a JAX loop.
 
     Parameters
@@ -131,26 +131,3 @@ class HessianMonitor:
         if self.log_fn is not None:
             self.log_fn(dict(record))
         return record
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        return self.tracker.history
-
-    @property
-    def steps(self) -> list[int]:
-        return self.tracker.steps
-
-    def values(self, metric: str) -> list[float]:
-        """The logged values of ``"top_eigenvalue"`` or ``"trace"``."""
-        return self.tracker.values(metric)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.tracker.to_dict()
-
-    def save(self, path: Any) -> None:
-        """Write the settings and the history as JSON."""
-        self.tracker.save(path)
-
-    def plot(self, path: Any = None, **kwargs: Any) -> Any:
-        """Plot the history (one panel per metric); saves to ``path`` when given."""
-        return self.tracker.plot(path, **kwargs)
