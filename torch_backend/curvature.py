@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_map
 from .data import Batch
 from .engines import columns_to_dict, dict_to_columns
 from .hessian import TorchCurvatureOperator, build_problem
+from .memory import resolve_auto_chunk
 from .params import ParamSpec
 
 __all__ = ["ggn", "fisher", "GGNOperator", "FisherOperator"]
@@ -272,7 +273,7 @@ def ggn(
         check_deterministic=check_deterministic,
     )
     op = GGNOperator(problem, layout, selected, fixed, None if chunk_size == "auto" else chunk_size)
-    _resolve_auto_chunk(op, chunk_size)
+    resolve_auto_chunk(op, chunk_size)
     if check_deterministic:
         op._check_deterministic()
     return op
@@ -330,14 +331,8 @@ def fisher(
         seed=seed,
         chunk_size=None if chunk_size == "auto" else chunk_size,
     )
-    _resolve_auto_chunk(op, chunk_size)
+    resolve_auto_chunk(op, chunk_size)
     if check_deterministic:
         op._check_deterministic()
     return op
 
-
-def _resolve_auto_chunk(op: Any, chunk_size: Any) -> None:
-    if chunk_size == "auto":
-        from .memory import auto_chunk_size
-
-        op.chunk_size = auto_chunk_size(op)

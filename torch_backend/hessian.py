@@ -14,6 +14,7 @@ import dualhess
 from .data import Problem, resolve_reduction
 from .distributed import all_reduce_sum, unwrap_ddp
 from .engines import ENGINES
+from .memory import resolve_auto_chunk
 from .params import ParamSpec, check_model_mode, prepare_model, select_params
 
 __all__ = ["hessian", "HessianOperator", "TorchCurvatureOperator", "build_problem"]
@@ -296,10 +297,7 @@ def hessian(
     op = HessianOperator(
         problem, layout, selected, fixed, method=method, chunk_size=None if auto else chunk_size
     )
-    if auto:
-        from .memory import auto_chunk_size
-
-        op.chunk_size = auto_chunk_size(op)
+    resolve_auto_chunk(op, chunk_size)
     if check_deterministic:
         op._check_deterministic()
     return op

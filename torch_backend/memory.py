@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["auto_chunk_size", "free_memory"]
+__all__ = ["auto_chunk_size", "free_memory", "resolve_auto_chunk"]
 
 _HEADROOM = 0.8
 
@@ -99,3 +99,9 @@ def auto_chunk_size(op: Any, *, max_chunk: int | None = None) -> int:
     chunk = int(budget // per_column)
     upper = n if max_chunk is None else min(n, max_chunk)
     return max(1, min(chunk, upper))
+
+
+def resolve_auto_chunk(op: Any, chunk_size: Any) -> None:
+    """Set ``op.chunk_size`` from a measurement when the caller asked for ``"auto"``."""
+    if chunk_size == "auto":
+        op.chunk_size = auto_chunk_size(op)
