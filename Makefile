@@ -14,10 +14,12 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	$(PIP) -q -e '.[all]'
+	$(PY) .ci/drop_broken_torchvision.py
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -q -e '.[all,dev]'
+	$(PY) .ci/drop_broken_torchvision.py
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,6 +37,7 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PIP) -q -e '.[bench]'
+	$(PY) .ci/drop_broken_torchvision.py
 	$(PY) -m benchmarks.run --suite cpu
 
 clean:

@@ -228,7 +228,8 @@ def _make_callback_class() -> type:
         data : (inputs, targets) or iterable of batches
             The fixed monitoring set.
         every : int
-            Measure when ``trainer.global_step % every == 0`` (once per global step).
+            Measure when ``trainer.global_step % every == 0``: at the start of training
+            (step 0) and after every ``every``-th optimizer step, once per global step.
         prefix : str
             Metric name prefix for the loggers (default ``"hessian/"``).
         **kwargs
@@ -257,7 +258,15 @@ def _make_callback_class() -> type:
             self.kwargs = kwargs
             self.monitor: HessianMonitor | None = None
 
+        def on_train_start(self, trainer, pl_module) -> None:
+            """Measure the starting point (global step 0, before the first update)."""
+            self._maybe_measure(trainer, pl_module)
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            """Measure after an optimizer step when ``global_step % every == 0``."""
+            self._maybe_measure(trainer, pl_module)
+
+        def _maybe_measure(self, trainer, pl_module) -> None:
             step = int(trainer.global_step)
             if self.monitor is None:
                 self.monitor = HessianMonitor(
