@@ -122,7 +122,7 @@ def measure(rows: list[Row], model: str, task: str, tool: str, fn: Callable[[], 
         row.num_matvecs, row.operator_calls, row.wall_s = int(matvecs), int(calls), wall
     except Exception as exc:  # an anchor failing is a result, recorded with its message
         row.status = "failed"
-        row.note = f"{type(exc).__name__}: {exc}".strip()[:300]
+        row.note = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]  # one line
     rows.append(row)
     return row
 
@@ -592,7 +592,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['task']} | {r['tool']} | {r['status']} | {_fmt(r['value'])} | "
                 f"{_fmt(r['rel_error'], '.2e')} | {_fmt(r['num_matvecs'])} | "
                 f"{_fmt(r['operator_calls'])} | {_fmt(r['wall_s'], '.3f')} | "
-                f"{_fmt(r['ratio_to_dualhess'], '.2f')} | {r['note'].replace('|', '/')} |")
+                f"{_fmt(r['ratio_to_dualhess'], '.2f')} | {' '.join(r['note'].split()).replace('|', '/')} |")
     trace_seeds = results.get("trace_seeds", {})
     if trace_seeds:
         lines += ["", "## Trace over seeds (dualhess xtrace)", ""]

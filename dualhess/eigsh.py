@@ -109,10 +109,13 @@ class _Krylov:
         """Classical Gram-Schmidt twice ("twice is enough") against the whole basis."""
         if self.V is None:
             return w, np.zeros(0)
-        total = np.zeros(self.capacity)
+        # numpy/torch: only the columns so far (a free view); jax: the whole fixed-shape
+        # basis (zero beyond size), so that eager jax compiles once per shape.
+        V = self.V if self.op.framework == "jax" else self.V[:, : self.size]
+        total = np.zeros(V.shape[1])
         for _ in range(2):
-            h = self.V.T @ w
-            w = w - self.V @ h
+            h = V.T @ w
+            w = w - V @ h
             total += to_numpy(h).astype(np.float64)
         return w, total[: self.size]
 
@@ -125,7 +128,10 @@ class _Krylov:
             extra = xp.zeros((self.op.n, grow), dtype=v.dtype, device=device(v))
             self.V = xp.concat([self.V, extra], axis=1)
             self.capacity += grow
-        self.V = xpx.at(self.V)[:, self.size].set(v)
+        if self.op.framework == "jax":
+            self.V = xpx.at(self.V)[:, self.size].set(v)
+        else:  # numpy/torch: in place (the basis is this object's own array)
+            self.V[:, self.size] = v
         size = self.size + 1
         G = np.zeros((size, size))
         G[: size - 1, : size - 1] = self.G

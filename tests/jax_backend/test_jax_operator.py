@@ -135,6 +135,38 @@ def test_one_compilation_across_50_products(problem):
     assert op.num_matvecs == 51 * 5
 
 
+def test_one_batch_reuses_its_linearization(problem):
+    """One batch: the primal work is linearised once; products equal the dense Hessian and
+    the recomputing (scan) path, and the linearisation is computed once, not per product."""
+    params, x, y, dense = problem
+    traces = []
+
+    def counting_loss(p, batch):
+        traces.append(1)  # runs only while JAX traces
+        return loss_fn(p, batch)
+
+    op = hessian(counting_loss, params, (x, y), chunk_size=4)
+    V = op.asarray(np.random.default_rng(11).standard_normal((op.n, 6)))
+    got_vec = op.matvec(V[:, 0])
+    linear = op._linearization()
+    assert linear is not None and op._linearization() is linear
+    got_mat = op.matmat(V)  # chunks of 4 and 2 (padded)
+    recomputed = op._matmat_jit(op.params_flat, op.dataset.groups, V)
+    assert relative_error(got_mat, dense @ np.asarray(V)) <= 1e-10
+    assert relative_error(got_vec, np.asarray(got_mat)[:, 0]) <= 1e-13
+    assert relative_error(got_mat, recomputed) <= 1e-13
+    after = len(traces)
+    for _ in range(20):
+        op.matvec(V[:, 1])
+        op.matmat(V[:, :3])
+    assert len(traces) == after  # nothing re-traced: the primal work is not redone
+    assert op.num_traces == 3  # apply (matvec), apply over 4 columns, and the scan check
+
+    several = hessian(loss_fn, params, batches_of(x, y))
+    several.matvec(V[:, 0])
+    assert several._linearization() is None  # several batches: recomputed per product
+
+
 def test_dict_batches_and_generators(problem):
     params, x, y, dense = problem
     v = np.random.default_rng(6).standard_normal(dense.shape[0])
