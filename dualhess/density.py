@@ -122,7 +122,6 @@ def density(
         values split their weight), at some loss of accuracy.
     progress : bool
         Show a progress bar over the Lanczos steps.
-
     checkpoint : str or path, optional
         Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
         and resume from it when the same call is made again (needs an integer ``seed``); a
@@ -130,6 +129,7 @@ def density(
         :mod:`dualhess.checkpoint`.
     checkpoint_every : int, optional
         Products between two saves.
+
     Returns
     -------
     SpectralDensity

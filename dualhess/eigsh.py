@@ -276,7 +276,6 @@ def eigsh(
         Return the eigenvectors (default True).
     progress : bool
         Show a progress bar over ``max_matvecs``.
-
     checkpoint : str or path, optional
         Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
         and resume from it when the same call is made again (needs an integer ``seed``); a
@@ -284,6 +283,7 @@ def eigsh(
         :mod:`dualhess.checkpoint`.
     checkpoint_every : int, optional
         Products between two saves.
+
     Returns
     -------
     Eigen

@@ -77,7 +77,6 @@ def lanczos(
         Return the Lanczos vectors (``(n, m)``, or ``(num_probes, n, m)``).
     progress : bool
         Show a progress bar.
-
     checkpoint : str or path, optional
         Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
         and resume from it when the same call is made again (needs an integer ``seed``); a
@@ -85,6 +84,7 @@ def lanczos(
         :mod:`dualhess.checkpoint`.
     checkpoint_every : int, optional
         Products between two saves.
+
     Returns
     -------
     Tridiagonal

@@ -249,7 +249,6 @@ def trace(
         Probe entries: random signs or standard normal.
     progress : bool
         Show a progress bar over the products.
-
     checkpoint : str or path, optional
         Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
         and resume from it when the same call is made again (needs an integer ``seed``); a
@@ -257,6 +256,7 @@ def trace(
         :mod:`dualhess.checkpoint`.
     checkpoint_every : int, optional
         Products between two saves.
+
     Returns
     -------
     TraceEstimate
