@@ -12,6 +12,7 @@ the weight that makes the sum over batches the loss of the whole data set:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -20,6 +21,38 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .distributed import active_group, all_reduce_scalar
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """A context in which attention runs on kernels with derivatives of every order.
+
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoder`` have two fused paths that a
+    Hessian-vector product cannot go through:
+
+    * ``torch.nn.functional.scaled_dot_product_attention`` picks a fused kernel (flash,
+      memory-efficient, cuDNN) where it can; those implement a first backward only ("derivative
+      for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented", no
+      forward AD). Here it is restricted to its math kernel, plain differentiable tensor
+      algebra with the same values to rounding.
+    * In eval mode, when it sees no tensor that requires grad (as under ``torch.func``
+      transforms), the "fast path" runs whole layers as one C++ kernel
+      (``_transformer_encoder_layer_fwd``) with no derivatives at all. It is switched off
+      (``torch.backends.mha.set_fastpath_enabled``) and restored on exit.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # pragma: no cover - torch < 2.3 has no selector
+            pass
+        else:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            before = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, before)
+        yield
 
 __all__ = ["Batch", "Problem", "resolve_reduction", "is_single_batch"]
 
@@ -274,12 +307,18 @@ class Problem:
 
     # ------------------------------------------------------------------ evaluation
     def call(self, params: dict[str, torch.Tensor], inputs: Any) -> Any:
-        """``model(inputs)`` with ``params`` (and the other tensors fixed) via functional_call."""
-        if isinstance(inputs, dict):
-            return torch.func.functional_call(self.model, params, (), inputs)
-        if isinstance(inputs, (tuple, list)):
-            return torch.func.functional_call(self.model, params, tuple(inputs))
-        return torch.func.functional_call(self.model, params, (inputs,))
+        """``model(inputs)`` with ``params`` (and the other tensors fixed) via functional_call.
+
+        Attention runs on PyTorch's math kernel (:func:`differentiable_attention`): the fused
+        flash and memory-efficient kernels of ``scaled_dot_product_attention`` have neither
+        forward-mode derivatives nor double backward.
+        """
+        with differentiable_attention():
+            if isinstance(inputs, dict):
+                return torch.func.functional_call(self.model, params, (), inputs)
+            if isinstance(inputs, (tuple, list)):
+                return torch.func.functional_call(self.model, params, tuple(inputs))
+            return torch.func.functional_call(self.model, params, (inputs,))
 
     def batch_loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """The (unweighted) loss of one batch."""

@@ -11,6 +11,7 @@ from torch_refs import (  # noqa: E402
     assert_clean,
     dense_hessian,
     digits,
+    flat_params,
     reference,
     rel_err,
     trained,
@@ -163,3 +164,51 @@ def test_tuple_and_dict_inputs(method):
     assert op_t.layout.names == names
     assert rel_err(op_t.matvec(v), H @ v) <= 1e-10
     assert rel_err(op_d.matvec(v), H @ v) <= 1e-10
+
+
+def _tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
+                                             batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    return torch.nn.Sequential(encoder, torch.nn.Flatten(), torch.nn.Linear(8 * 5, 3)).double().eval()
+
+
+def test_attention_models_use_a_differentiable_kernel():
+    """nn.TransformerEncoder calls scaled_dot_product_attention, whose fused CPU/GPU kernels
+    have no double backward and no forward AD; products must still work and be exact."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = _tiny_transformer()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 5, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    names, theta = flat_params(model)
+    shapes = [p.shape for p in model.parameters()]
+
+    def logits(flat):
+        parts = dict(zip(names, (t.reshape(s) for t, s in zip(flat.split(
+            [s.numel() for s in shapes]), shapes))))
+        return torch.func.functional_call(model, parts, (X,))
+
+    # The fused kernel really is what a plain double backward hits here.
+    theta_ = theta.clone().requires_grad_(True)
+    g = torch.autograd.grad(CE(logits(theta_), y), theta_, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(g, theta_, torch.ones_like(g))
+    with sdpa_kernel([SDPBackend.MATH]):
+        H = dense_hessian(model, CE, X, y)
+        J = torch.autograd.functional.jacobian(logits, theta).reshape(-1, theta.numel())
+        z = logits(theta).detach()
+        H_out = torch.autograd.functional.hessian(lambda o: CE(o.reshape(z.shape), y),
+                                                  z.reshape(-1))
+    V = torch.randn(H.shape[0], 3, generator=gen, dtype=torch.float64)
+    for method in ("func", "autograd", "auto"):
+        op = tb.hessian(model, CE, (X, y), method=method)
+        assert rel_err(op.matvec(V[:, 0]), H @ V[:, 0]) <= 1e-10, method
+        assert rel_err(op.matmat(V), H @ V) <= 1e-10, method
+    G = J.T @ H_out @ J
+    ggn = tb.ggn(model, CE, (X, y))
+    assert rel_err(ggn.matmat(V), G @ V) <= 1e-10
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after every product
+    assert_clean(model)
