@@ -171,12 +171,16 @@ class HessianOperator(TorchCurvatureOperator):
         self.method_timings: dict[str, float] = {}
         self.method_failures: dict[str, str] = {}
         if method == "auto":
-            method = self._choose_method()
+            method, self._engine = self._choose_method()
+        else:
+            self._engine = ENGINES[method](problem, layout, selected, fixed)
         self.method = method
-        self._engine = ENGINES[method](problem, layout, selected, fixed)
 
-    def _choose_method(self) -> str:
+    def _choose_method(self) -> tuple[str, Any]:
+        """Time ``func`` and ``autograd`` on two columns; keep the faster engine (as built:
+        the autograd engine's first-order graph is not built twice)."""
         v = self.asarray(np.random.default_rng(1).standard_normal((self.n, 2)))
+        engines = {}
         for name in ("func", "autograd"):
             engine = ENGINES[name](self.problem, self.layout, self.selected, self.fixed)
             try:
@@ -187,12 +191,14 @@ class HessianOperator(TorchCurvatureOperator):
             start = time.perf_counter()
             engine.matmat(v)
             self.method_timings[name] = (time.perf_counter() - start) / 2
+            engines[name] = engine
         if not self.method_timings:
             raise RuntimeError(
                 "no HVP method works for this model: "
                 + "; ".join(f"{k}: {v}" for k, v in self.method_failures.items())
             )
-        return min(self.method_timings, key=self.method_timings.get)
+        best = min(self.method_timings, key=self.method_timings.get)
+        return best, engines[best]
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._engine.matvec(v)
