@@ -595,6 +595,7 @@ def analyze(
     timings: dict[str, float] = {}
     operators: dict[str, Operator] = {}
     alignment = None
+    twin_error: str | None = None
     if owner.name == "torch":
         torch_side = get_backend("torch")
         if "torch" in frameworks:
@@ -607,10 +608,23 @@ def analyze(
         if "jax" in frameworks:
             log("[jax] building the Flax twin and its Hessian operator")
             t0 = time.perf_counter()
-            twin_op, alignment = get_backend("jax").twin_hessian(
-                model, loss_fn, data, dtype=settings.dtype, params=selected)
-            operators["jax"] = HostOperator(twin_op, alignment)
-            timings["build_jax"] = time.perf_counter() - t0
+            try:
+                twin_op, alignment = get_backend("jax").twin_hessian(
+                    model, loss_fn, data, dtype=settings.dtype, params=selected)
+            except (NotImplementedError, ImportError) as exc:
+                # A layer the converter does not know, or no JAX installed. Asked for
+                # explicitly (--framework both/jax), that is an error; by default the
+                # PyTorch analysis goes on and the report says why there is no JAX side.
+                if settings.framework is not None:
+                    raise
+                twin_error = f"{type(exc).__name__}: {exc}"
+                log(f"[jax] skipped: {twin_error}\n      The PyTorch analysis goes on without the "
+                    "crosscheck (--framework torch skips the twin; --framework both makes "
+                    "this an error).")
+                frameworks = [f for f in frameworks if f != "jax"]
+            else:
+                operators["jax"] = HostOperator(twin_op, alignment)
+                timings["build_jax"] = time.perf_counter() - t0
     else:
         log("[jax] building the Hessian operator")
         t0 = time.perf_counter()
@@ -633,5 +647,6 @@ def analyze(
         "num_params": int(first.n),
         "params": selected,
         "layout": layout.to_dict() if layout is not None else None,
+        "twin_error": twin_error,
     }
     return out

@@ -64,7 +64,8 @@ SCHEMA: dict[str, str] = {
     "versions": "python, numpy, dualhess and, when installed, scipy, torch, jax, jaxlib, flax, "
     "optax, backpack-for-pytorch, matplotlib",
     "model": "framework, type, num_params (n), params (the selected block or null), layout "
-    "(name, shape, start, stop of each parameter tensor)",
+    "(name, shape, start, stop of each parameter tensor), twin_error (why the JAX twin of a "
+    "PyTorch model could not be built when --framework was not given, else null)",
     "frameworks": "the frameworks that computed, e.g. ['torch', 'jax']",
     "results.<framework>.n": "size of the operator (number of parameters in the block)",
     "results.<framework>.dtype": "dtype of the computation",
@@ -222,6 +223,10 @@ def format_table(report: dict[str, Any]) -> str:
     agree = _agreement_lines(report)
     if agree:
         lines += ["", *agree]
+    twin_error = report.get("model", {}).get("twin_error")
+    if twin_error:
+        lines += ["", f"no crosscheck: the JAX twin could not be built ({twin_error[:160]}); "
+                  "analysed in PyTorch only"]
     reasons = {f: r["trace"]["exact"]["reason"] for f, r in report["results"].items()
                if r["trace"]["exact"]["value"] is None}
     for f, reason in reasons.items():
@@ -257,6 +262,9 @@ def markdown_report(report: dict[str, Any], *, plots: bool = True) -> str:
     if agree:
         out += ["## Cross-framework check", "", "```", *agree, "", report["crosscheck"]["summary"],
                 "```", ""]
+    elif model.get("twin_error"):
+        out += ["## Cross-framework check", "",
+                f"Not run: the JAX twin could not be built ({model['twin_error']}).", ""]
     for f, r in report["results"].items():
         if r["trace"]["exact"]["value"] is None:
             out += [f"Exact trace ({f}) unavailable: {r['trace']['exact']['reason']}", ""]
