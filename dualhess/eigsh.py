@@ -177,8 +177,26 @@ class _Krylov:
 
     def expand(self, j: int) -> None:
         """Apply the operator to column ``j`` and append the new orthonormal direction."""
+        self._absorb(j, self.op.matvec(self.V[:, j]))
+
+    def expand_block(self, columns: np.ndarray) -> None:
+        """Apply the operator to several columns in one ``matmat`` call (block Krylov).
+
+        Each product is then orthogonalised against the basis as it stands, including the
+        directions appended for the columns before it, so ``A V[:, E] = V G[:, E]`` stays
+        exact: the same decomposition as one column at a time, with the products batched.
+        """
+        if len(columns) == 1:
+            self.expand(int(columns[0]))
+            return
+        index = np.asarray(columns, dtype=np.int64)
+        W = self.op.matmat(self.V[:, index])
+        for position, j in enumerate(index):
+            self._absorb(int(j), W[:, position])
+
+    def _absorb(self, j: int, w: Any) -> None:
+        """Record ``w = A V[:, j]``: its coefficients in ``G`` and its new direction."""
         op, xp = self.op, self.xp
-        w = op.matvec(self.V[:, j])
         size_before = self.size
         norm_in = float(xp.linalg.vector_norm(w))
         w, h = self._orthogonalize(w)
@@ -244,6 +262,7 @@ def eigsh(
     progress: bool = False,
     checkpoint: Any = None,
     checkpoint_every: int | None = None,
+    block_size: int = 1,
 ) -> Eigen:
     """Find ``k`` extreme eigenpairs of a symmetric operator (thick-restart Lanczos).
 
@@ -268,7 +287,8 @@ def eigsh(
         and a :class:`NotConvergedWarning` is issued.
     max_basis : int, optional
         Largest number of Lanczos vectors kept (ARPACK's ``ncv``); default
-        ``min(n, max(2 k + 1, 20))``. Must be larger than ``k``.
+        ``min(n, max(2 k + 1, 20))``, plus ``6 block_size`` when ``block_size > 1``. Must be
+        at least ``k + block_size``.
     seed : int, numpy.random.Generator or None
         Randomness for the start vector (drawn in numpy float64, so numpy, torch and jax see
         the same vector).
@@ -283,6 +303,18 @@ def eigsh(
         :mod:`dualhess.checkpoint`.
     checkpoint_every : int, optional
         Products between two saves.
+    block_size : int
+        Columns expanded per step, in one ``op.matmat`` call (block Krylov). 1 (default) is
+        plain Lanczos, the fewest products. Where a batch of ``b`` products costs much less
+        than ``b`` single ones (vmapped or batched products on a GPU), ``block_size = b``
+        trades a few more products for ``b`` times fewer operator calls; with ``b`` at least
+        the multiplicity it also finds repeated eigenvalues in one pass. The default
+        ``max_basis`` grows by ``6 b`` vectors (memory: ``max_basis + b + 3`` vectors of
+        length ``n``). Measured on 2000 x 2000 matrices (k = 10, tol 1e-8): ``b = 8`` took
+        12-14 operator calls where ``b = 1`` took 28-36 (96-112 products against 28-36),
+        and 187 calls against 615 on a spectrum with a 5-fold and a dense cluster. On a
+        CPU a batch of products is not much cheaper per column, so ``b = 1`` is fastest
+        there (digits CNN, top-5: 1.0 s at ``b = 1``, 4.2 s at ``b = 4``).
 
     Returns
     -------
@@ -330,8 +362,10 @@ def eigsh(
 
         op = check_operator(op, "eigsh")
         settings = {"k": k, "which": which, "tol": tol, "max_matvecs": max_matvecs, "max_basis": max_basis, "seed": seed}
+        if block_size != 1:
+            settings["block_size"] = block_size
         with checkpointed(op, checkpoint, checkpoint_every, "eigsh", settings) as work:
-            return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress)
+            return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress, block_size=block_size)
     op = check_operator(op, "eigsh")
     n = op.n
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -348,13 +382,23 @@ def eigsh(
     tol = float(tol)
     if not math.isfinite(tol) or tol < 0:
         raise ValueError(f"eigsh: tol must be a finite number >= 0, got {tol}")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"eigsh: block_size must be an int, got {type(block_size).__name__}")
+    if block_size < 1:
+        raise ValueError(f"eigsh: block_size must be >= 1, got {block_size}")
+    b = int(min(block_size, n - k))
     if max_basis is None:
-        m = min(n, max(2 * k + 1, 20))
+        # A block method needs room for several block steps between restarts: measured on
+        # clustered spectra, + 6 b converges in about half the operator calls of b = 1.
+        m = min(n, max(2 * k + 1, 20) + (6 * b if b > 1 else 0))
     else:
         if isinstance(max_basis, bool) or not isinstance(max_basis, (int, np.integer)):
             raise TypeError(f"eigsh: max_basis must be an int, got {type(max_basis).__name__}")
-        if max_basis <= k:
-            raise ValueError(f"eigsh: max_basis must be > k (got max_basis={max_basis}, k={k})")
+        if max_basis < k + b:
+            raise ValueError(
+                f"eigsh: max_basis must be >= k + block_size (got max_basis={max_basis}, k={k}, "
+                f"block_size={b})"
+            )
         m = min(int(max_basis), n)
     if max_matvecs is None:
         budget = 100 * m
@@ -369,10 +413,11 @@ def eigsh(
 
     eps = _eps(op)
     tol_eff = max(tol, 10 * eps)
-    keep_count = min(k + (m - k) // 2, m - 1)
+    keep_count = min(k + (m - k) // 2, m - b)
     start_count = op.num_matvecs
-    kry = _Krylov(op, default_rng(seed), eps, capacity=m + 4)
-    kry.add_random()
+    kry = _Krylov(op, default_rng(seed), eps, capacity=m + 3 + b)
+    for _ in range(b):
+        kry.add_random()
 
     checking = False  # a check for missed eigenvalues is under way
     check_steps = 0
@@ -416,7 +461,7 @@ def eigsh(
             if op.num_matvecs - start_count >= budget:
                 exhausted = True
                 break
-            if ne >= m:
+            if ne + b > m:
                 theta, Y, res = kry.ritz()
                 kry.restart(_select(theta, keep_count, which), Y, theta)
             unexpanded = np.flatnonzero(~kry.expanded)
@@ -425,12 +470,13 @@ def eigsh(
                     break  # complete basis: the Ritz pairs are exact to rounding
                 unexpanded = np.flatnonzero(~kry.expanded)
             if checking and check_steps < _CHECK_STEPS:
-                j = int(unexpanded[-1])  # grow the check chain (last in, first out)
+                columns = unexpanded[-b:]  # grow the check chain (last in, first out)
                 check_steps += 1
             else:
-                j = int(unexpanded[0])  # first in, first out
+                columns = unexpanded[:b]  # first in, first out
+            left = budget - (op.num_matvecs - start_count)
             before = op.num_matvecs
-            kry.expand(j)
+            kry.expand_block(columns[: max(1, left)])
             bar.update(op.num_matvecs - before)
     finally:
         bar.close()

@@ -41,6 +41,10 @@ SCRIPT = textwrap.dedent(
         r = dualhess.eigsh(op, k=3, which="BE", tol=1e-10, max_basis=10, seed=3,
                            checkpoint=path, checkpoint_every=4)
         out = {"values": r.values.tolist(), "residuals": r.residuals.tolist(), "n": r.num_matvecs}
+    elif what == "eigsh-block":
+        r = dualhess.eigsh(op, k=3, which="LA", tol=1e-10, seed=3, block_size=4,
+                           checkpoint=path, checkpoint_every=6)
+        out = {"values": r.values.tolist(), "residuals": r.residuals.tolist(), "n": r.num_matvecs}
     elif what == "lanczos":
         r = dualhess.lanczos(op, 25, num_probes=3, seed=3, checkpoint=path, checkpoint_every=5)
         out = {"alpha": r.alpha.tolist(), "beta": r.beta.tolist(), "n": r.num_matvecs}
@@ -55,7 +59,7 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-CASES = ["eigsh", "lanczos", "density", "xtrace", "hutch++"]
+CASES = ["eigsh", "eigsh-block", "lanczos", "density", "xtrace", "hutch++"]
 
 
 def _run(what: str, path, kill_after) -> subprocess.CompletedProcess:

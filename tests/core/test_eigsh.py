@@ -231,7 +231,7 @@ def test_bad_input_messages():
         eigsh(op, 0)
     with pytest.raises(ValueError, match="which must be one of"):
         eigsh(op, 2, which="LR")
-    with pytest.raises(ValueError, match="max_basis must be > k"):
+    with pytest.raises(ValueError, match="max_basis must be >= k \\+ block_size"):
         eigsh(op, 2, max_basis=2)
     with pytest.raises(ValueError, match="tol must be"):
         eigsh(op, 2, tol=-1.0)
@@ -247,3 +247,64 @@ def test_bad_input_messages():
     # Without the operator's own check, eigsh still refuses to return NaN.
     with pytest.raises(OperatorError, match="NaN"):
         eigsh(NaNOperator((5, 5), check_finite=False), 2, seed=0)
+
+
+# ---------------------------------------------------------------------- block_size
+class CountingOperator(DenseOperator):
+    """A dense operator that counts its calls (one per matvec or matmat)."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.calls = 0
+
+    def _matvec(self, v):
+        self.calls += 1
+        return super()._matvec(v)
+
+    def _matmat(self, V):
+        self.calls += 1
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 8])
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_block_spectra_against_eigh(name, block_size, framework):
+    """The same exact answers with several columns expanded per operator call."""
+    lam, k, which = SPECTRA[name]
+    A = make_symmetric(lam, seed=len(name))
+    res = eigsh(dense_operator(A, framework), k, which=which, tol=1e-10, seed=1,
+                block_size=block_size)
+    check_result(A, res, k, which, atol=1e-9 * np.abs(lam).max())
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_block_takes_fewer_operator_calls(decaying_2000, block_size):
+    A, _, lam = decaying_2000
+    single, block = CountingOperator(A), CountingOperator(A)
+    one = eigsh(single, 10, tol=1e-10, seed=0)
+    many = eigsh(block, 10, tol=1e-10, seed=0, block_size=block_size)
+    np.testing.assert_allclose(many.values, lam[:10], rtol=1e-10, atol=0)
+    np.testing.assert_allclose(one.values, lam[:10], rtol=1e-10, atol=0)
+    assert single.calls == one.num_matvecs  # one column per call
+    assert block.calls < single.calls / 1.5, (block.calls, single.calls)
+    assert many.num_matvecs <= block_size * block.calls
+
+
+def test_block_finds_every_copy_of_a_repeated_eigenvalue():
+    lam = np.r_[[10.0] * 5, 5.0, 4.0, 3.0, np.linspace(-1.0, 1.0, 192)]
+    A = make_symmetric(lam, seed=3)
+    res = eigsh(DenseOperator(A), 6, tol=1e-10, seed=0, block_size=5)
+    np.testing.assert_allclose(res.values, [10.0] * 5 + [5.0], rtol=0, atol=1e-8)
+
+
+def test_block_respects_the_budget_and_checks_input():
+    A = make_symmetric(np.linspace(-1.0, 1.0, 100), seed=0)
+    with pytest.warns(NotConvergedWarning):
+        res = eigsh(DenseOperator(A), 3, tol=1e-14, seed=0, block_size=8, max_matvecs=30)
+    assert res.num_matvecs <= 30
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        eigsh(DenseOperator(A), 3, block_size=0)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        eigsh(DenseOperator(A), 3, block_size=2.0)
+    with pytest.raises(ValueError, match="max_basis must be >= k \\+ block_size"):
+        eigsh(DenseOperator(A), 3, block_size=8, max_basis=10)

@@ -223,11 +223,12 @@ def small_op():
     return op, np.asarray(dense_hessian(small_loss, params, (x, y)))
 
 
-def test_eigsh_on_jax_operator_matches_numpy(small_op):
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_eigsh_on_jax_operator_matches_numpy(small_op, block_size):
     eigsh = pytest.importorskip("dualhess.eigsh").eigsh
     op, dense = small_op
     exact = np.linalg.eigvalsh(dense)
-    result = eigsh(op, k=3, which="LA", tol=1e-10, seed=0)
+    result = eigsh(op, k=3, which="LA", tol=1e-10, seed=0, block_size=block_size)
     scale = np.max(np.abs(exact))
     np.testing.assert_allclose(result.values, exact[::-1][:3], rtol=0, atol=1e-9 * scale)
     assert np.all(result.converged)

@@ -22,17 +22,18 @@ def problem():
     return op, reference("residual").numpy()
 
 
-def test_eigsh(problem):
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_eigsh(problem, block_size):
     eigsh = pytest.importorskip("dualhess.eigsh").eigsh
     op, H = problem
     exact = np.linalg.eigvalsh(H)
     scale = np.abs(exact).max()
-    top = eigsh(op, k=3, which="LA", tol=1e-10, seed=0)
+    top = eigsh(op, k=3, which="LA", tol=1e-10, seed=0, block_size=block_size)
     assert np.all(top.converged)
     np.testing.assert_allclose(
         np.sort(top.values)[::-1], exact[::-1][:3], rtol=0, atol=1e-8 * scale
     )
-    low = eigsh(op, k=2, which="SA", tol=1e-10, seed=1)
+    low = eigsh(op, k=2, which="SA", tol=1e-10, seed=1, block_size=block_size)
     np.testing.assert_allclose(np.sort(low.values), exact[:2], rtol=0, atol=1e-8 * scale)
 
 
