@@ -245,12 +245,18 @@ class PytreeOperator(Operator):
         columns gives the fixed and the per-column bytes; free memory is the device's
         ``bytes_limit - bytes_in_use`` (GPU/TPU) or the host's MemAvailable (CPU). 20% is
         kept as head-room. Peak memory is then about ``chunk_size`` x one product.
+        With one batch the kept linearisation (:meth:`_linearization`) is built first, so
+        free memory is read with it in place, and the product measured is its tangent pass.
         """
+        linear = self._linearization()
 
         def bytes_for(k: int) -> int:
             cols = jnp.zeros((self.n, k), self.dtype)
-            compiled = self._matmat_jit.lower(self.params_flat, self.dataset.groups, cols).compile()
-            stats = compiled.memory_analysis()
+            if linear is not None:
+                lowered = self._apply_mat_jit.lower(linear, cols)
+            else:
+                lowered = self._matmat_jit.lower(self.params_flat, self.dataset.groups, cols)
+            stats = lowered.compile().memory_analysis()
             if stats is None:  # pragma: no cover - backends without the analysis
                 return 4 * self.n * k * jnp.dtype(self.dtype).itemsize
             return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
