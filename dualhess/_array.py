@@ -69,3 +69,47 @@ def dtype_name(dtype: Any) -> str:
 def is_float64(dtype: Any) -> bool:
     """True when ``dtype`` is a 64-bit float in any framework."""
     return dtype_name(dtype) in ("float64", "double")
+
+
+def _norm_limits(dtype: Any) -> tuple[float, float]:
+    """Norms strictly between these are computed safely by a plain ``vector_norm``.
+
+    Outside them some squares may leave the representable range (below ``sqrt(tiny)`` or
+    above ``sqrt(max)``), with a factor 1e6 of margin for up to ~1e12 entries.
+    """
+    name = dtype_name(dtype)
+    info = np.finfo(np.float32 if ("32" in name or "16" in name) else np.float64)
+    return float(np.sqrt(info.tiny)) * 1e6, float(np.sqrt(info.max)) / 1e6
+
+
+def safe_vector_norm(x: Any, xp: Any, axis: int | None = None) -> Any:
+    """``xp.linalg.vector_norm(x, axis=axis)`` without underflow or overflow in the squares.
+
+    A plain 2-norm squares the entries: for float64 entries near 1e-160 (float32: 1e-20) the
+    squares leave the representable range and the norm comes out 0 (or inf near 1e160).
+    Where a norm falls outside the safe range, the vector (or each column) is scaled by its
+    largest entry first. Ordinary values take the plain path (one reduction).
+
+    >>> import numpy as np
+    >>> float(safe_vector_norm(np.array([3e-200, 4e-200]), np))
+    5e-200
+    """
+    with np.errstate(over="ignore", under="ignore"):  # numpy: handled below
+        norm = xp.linalg.vector_norm(x, axis=axis)
+    low, high = _norm_limits(x.dtype)
+    host = to_numpy(norm)
+    if np.all((host > low) & (host < high)):
+        return norm
+    largest = xp.max(xp.abs(x), axis=axis, keepdims=True)
+    safe = xp.where(largest > 0, largest, xp.ones_like(largest))
+    return xp.linalg.vector_norm(x / safe, axis=axis) * xp.reshape(largest, norm.shape)
+
+
+def safe_norm(x: Any, xp: Any) -> float:
+    """:func:`safe_vector_norm` of a vector, as a Python float."""
+    return float(safe_vector_norm(x, xp))
+
+
+def safe_column_norms(R: np.ndarray) -> np.ndarray:
+    """Column 2-norms of a host float64 matrix (see :func:`safe_vector_norm`)."""
+    return np.asarray(safe_vector_norm(np.asarray(R, dtype=np.float64), np, axis=0))

@@ -32,7 +32,7 @@ from typing import Any
 import array_api_extra as xpx
 import numpy as np
 
-from ._array import array_namespace, default_rng, device, to_numpy
+from ._array import array_namespace, default_rng, device, safe_column_norms, safe_norm, to_numpy
 from ._util import check_operator, progress_bar
 from .operator import Operator, OperatorError
 from .results import Eigen
@@ -147,15 +147,15 @@ class _Krylov:
             z = self.op.asarray(self.rng.standard_normal(n))
             if self.xp is None:
                 self.xp = array_namespace(z)
-            z0 = float(self.xp.linalg.vector_norm(z))
+            z0 = safe_norm(z, self.xp)
             z, _ = self._orthogonalize(z)
-            norm = float(self.xp.linalg.vector_norm(z))
+            norm = safe_norm(z, self.xp)
             if norm > 1e-3 * math.sqrt(self.eps) * z0 or self.size == 0:
                 # A second pass after normalising keeps a small remainder orthogonal.
                 z = z / norm
                 if self.size:
                     z, _ = self._orthogonalize(z)
-                    z = z / self.xp.linalg.vector_norm(z)
+                    z = z / safe_norm(z, self.xp)
                 self._append(z)
                 return True
         return False
@@ -198,9 +198,9 @@ class _Krylov:
         """Record ``w = A V[:, j]``: its coefficients in ``G`` and its new direction."""
         op, xp = self.op, self.xp
         size_before = self.size
-        norm_in = float(xp.linalg.vector_norm(w))
+        norm_in = safe_norm(w, xp)
         w, h = self._orthogonalize(w)
-        beta = float(xp.linalg.vector_norm(w))
+        beta = safe_norm(w, xp)
         if not (np.all(np.isfinite(h)) and math.isfinite(beta) and math.isfinite(norm_in)):
             raise OperatorError(
                 f"eigsh: the operator produced NaN or Inf ({type(op).__name__}); check the "
@@ -225,7 +225,7 @@ class _Krylov:
         # Residual coefficients of A V_E y - theta V_E y in the basis V (exact relation).
         R = self.G[:, E] @ Y
         R[E, :] -= Y * theta
-        return theta, Y, np.linalg.norm(R, axis=0)
+        return theta, Y, safe_column_norms(R)
 
     def restart(self, keep: np.ndarray, Y: np.ndarray, theta: np.ndarray) -> None:
         """Keep the Ritz vectors ``V_E Y[:, keep]`` and every unexpanded direction."""

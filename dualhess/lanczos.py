@@ -15,7 +15,7 @@ from typing import Any
 import array_api_extra as xpx
 import numpy as np
 
-from ._array import array_namespace, default_rng, device, to_numpy
+from ._array import array_namespace, default_rng, device, safe_vector_norm, to_numpy
 from ._util import check_operator, check_positive_int, progress_bar
 from .operator import Operator
 from .results import Tridiagonal
@@ -115,7 +115,7 @@ def lanczos(
     Q = _start_block(op, start, num_probes, rng)
     xp = array_namespace(Q)
     p = Q.shape[1]
-    norms = xp.linalg.vector_norm(Q, axis=0)
+    norms = safe_vector_norm(Q, xp, axis=0)
     norms_np = to_numpy(norms).astype(np.float64)
     if np.any(norms_np == 0) or not np.all(np.isfinite(norms_np)):
         raise ValueError("lanczos: a start vector is zero or not finite")
@@ -162,7 +162,7 @@ def lanczos(
             bar.update(1)
             if j == m - 1:
                 break
-            b = xp.linalg.vector_norm(W, axis=0)
+            b = safe_vector_norm(W, xp, axis=0)
             b_np = to_numpy(b).astype(np.float64)
             scale = max(scale, float(np.max(np.abs(a_np[active]), initial=0.0)), float(np.max(b_np[active], initial=0.0)))
             # Invariant subspace found: the residual is at rounding level.

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import array_namespace, default_rng
+from ._array import array_namespace, default_rng, safe_norm
 from ._util import check_operator, check_positive_int, progress_bar
 from .eigsh import NotConvergedWarning
 from .operator import Operator, OperatorError
@@ -39,8 +39,11 @@ def power_iteration(
 
     For each eigenvalue in turn: start from a Gaussian vector, and repeat
     ``v <- orthonormalise(v against the vectors found); w = H v; lambda = v . w;
-    v <- w / ||w||`` until the relative change of ``lambda`` is below ``tol`` (as PyHessian:
-    ``|lambda_new - lambda_old| / (|lambda_old| + 1e-6) < tol``) or ``max_iter`` products.
+    v <- w / ||w||`` until the relative change of ``lambda`` is below ``tol``
+    (``|lambda_new - lambda_old| <= tol * max(|lambda_new|, |lambda_old|)``) or ``max_iter``
+    products. PyHessian's test, ``|lambda_new - lambda_old| / (|lambda_old| + 1e-6) < tol``,
+    is not scale-free: on a Hessian whose eigenvalues are far below 1e-6 it stops after two
+    products. This one gives the same iterates whatever the scale of the operator.
 
     Parameters
     ----------
@@ -111,7 +114,7 @@ def power_iteration(
                 if basis is not None:  # deflation: twice, for orthogonality to rounding
                     for _ in range(2):
                         v = v - basis @ (basis.T @ v)
-                v = v / xp.linalg.vector_norm(v)
+                v = v / safe_norm(v, xp)
                 w = op.matvec(v)
                 bar.update(1)
                 value = float(xp.sum(v * w))
@@ -121,13 +124,15 @@ def power_iteration(
                         "parameters, the data and the loss for non-finite values"
                     )
                 values[i] = value
-                residuals[i] = float(xp.linalg.vector_norm(w - value * v))
+                residuals[i] = safe_norm(w - value * v, xp)
                 vector = v
-                if previous is not None and abs(previous - value) / (abs(previous) + 1e-6) < tol:
+                if previous is not None and abs(previous - value) <= tol * max(
+                    abs(previous), abs(value)
+                ):
                     converged[i] = True
                     break
                 previous = value
-                norm = float(xp.linalg.vector_norm(w))
+                norm = safe_norm(w, xp)
                 if norm == 0.0:  # v lies in the null space: an exact eigenpair (0, v)
                     converged[i] = True
                     break

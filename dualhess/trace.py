@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import array_namespace, default_rng, dtype_name, to_numpy
+from ._array import array_namespace, default_rng, dtype_name, safe_column_norms, to_numpy
 from ._util import check_operator, check_positive_int, progress_bar
 from .operator import Operator
 from .results import TraceEstimate
@@ -100,14 +100,21 @@ def _loo_directions(R: np.ndarray) -> np.ndarray:
     from scipy.linalg import solve_triangular
 
     S = solve_triangular(R, np.eye(R.shape[0]), lower=False).T  # R^{-T}
-    return S / np.linalg.norm(S, axis=0, keepdims=True)
+    return S / safe_column_norms(S)[None, :]
 
 
 def _stderr(samples: np.ndarray) -> float:
     """Standard error of the mean; ``inf`` when one sample leaves it unestimated."""
     if samples.size < 2:
         return math.inf
-    return float(np.std(samples, ddof=1) / math.sqrt(samples.size))
+    scale = float(np.max(np.abs(samples)))
+    # Samples near 1e-160 or 1e160 have squares out of range: scale them first. Ordinary
+    # sizes (and zero or non-finite samples) take the plain formula.
+    extreme = 0.0 < scale < 1e-150 or 1e150 < scale < math.inf
+    if extreme:
+        samples = samples / scale
+    stderr = float(np.std(samples, ddof=1) / math.sqrt(samples.size))
+    return scale * stderr if extreme else stderr
 
 
 # ---------------------------------------------------------------------- the estimators

@@ -148,7 +148,7 @@ def test_sa_and_be_on_2000_indefinite():
     np.testing.assert_allclose(res.values, np.r_[w[:2], w[-3:]], rtol=0, atol=1e-9)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(2, 12),
     data=st.data(),
@@ -164,10 +164,11 @@ def test_property_agrees_with_eigh(n, data):
     k = data.draw(st.integers(1, n - 1))
     which = data.draw(st.sampled_from(["LA", "SA", "LM", "BE"]))
     seed = data.draw(st.integers(0, 2**16))
+    block_size = data.draw(st.integers(1, 4))
     M = np.asarray(entries).reshape(n, n)
     A = (M + M.T) / 2
     scale = max(np.abs(np.linalg.eigvalsh(A)).max(), 1e-300)
-    res = eigsh(DenseOperator(A), k, which=which, tol=1e-10, seed=seed)
+    res = eigsh(DenseOperator(A), k, which=which, tol=1e-10, seed=seed, block_size=block_size)
     exact = expected_values(A, k, which)
     assert res.converged.all()
     if which == "LM":
