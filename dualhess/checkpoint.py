@@ -83,11 +83,11 @@ class Checkpoint:
     >>> import numpy as np, tempfile, os, dualhess
     >>> op = dualhess.DenseOperator(np.diag([3.0, 1.0]))
     >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
-    >>> ck = Checkpoint(path, op, "demo", {"steps": 3}, every=1)
+    >>> ck = Checkpoint(path, op, "demo", {"steps": 3, "seed": 0}, every=1)
     >>> ck.load() is None
     True
     >>> ck.save({"step": 1, "x": np.ones(2)})
-    >>> int(Checkpoint(path, op, "demo", {"steps": 3}, every=1).load()["step"])
+    >>> int(Checkpoint(path, op, "demo", {"steps": 3, "seed": 0}, every=1).load()["step"])
     1
     """
 
