@@ -461,7 +461,8 @@ def eigsh(
             if op.num_matvecs - start_count >= budget:
                 exhausted = True
                 break
-            if ne + b > m:
+            # Restart when the next block would not fit (b = 1: when ne reaches m).
+            if ne + min(b, max(int(np.sum(~kry.expanded)), 1)) > m:
                 theta, Y, res = kry.ritz()
                 kry.restart(_select(theta, keep_count, which), Y, theta)
             unexpanded = np.flatnonzero(~kry.expanded)

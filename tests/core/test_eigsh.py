@@ -309,3 +309,20 @@ def test_block_respects_the_budget_and_checks_input():
         eigsh(DenseOperator(A), 3, block_size=2.0)
     with pytest.raises(ValueError, match="max_basis must be >= k \\+ block_size"):
         eigsh(DenseOperator(A), 3, block_size=8, max_basis=10)
+
+
+@pytest.mark.parametrize(
+    ("entries", "which"),
+    [
+        ([0.0, 0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 0.0, -1.0], "SA"),  # did not converge in 300
+        ([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, -1.0], "LM"),  # wrong pair "converged"
+    ],
+)
+def test_block_on_a_space_smaller_than_two_blocks(entries, which):
+    """Found by the property test: n = 3, k = 1, b = 2 restarted before every block, losing
+    the directions it had; a restart now happens only when the next block does not fit."""
+    M = np.asarray(entries).reshape(3, 3)
+    A = (M + M.T) / 2
+    res = eigsh(DenseOperator(A), 1, which=which, tol=1e-10, seed=0, block_size=2)
+    assert res.converged.all() and res.num_matvecs <= 6
+    np.testing.assert_allclose(res.values, expected_values(A, 1, which), rtol=0, atol=1e-12)
