@@ -11,7 +11,8 @@ same code path on tiny models on the CPU (to check the script, not to measure an
 Everything runs in float32 with TF32 off. Per model it measures one gradient, one HVP per
 method (``func``, ``autograd``, ``pyhessian``, ``auto``), ``matmat`` time per HVP at chunk
 sizes 1, 8, 32, 64 with the peak memory (``torch.cuda.max_memory_allocated``) of each, the
-top-10 eigenvalues to residual 1e-4, a 100-matvec trace, 1 x 100 and 10 x 100 densities,
+top-10 eigenvalues to residual 1e-4 (plain, and block eigsh with ``block_size`` = the fastest
+chunk size, at most 16), a 100-matvec trace, 1 x 100 and 10 x 100 densities,
 and the same with PyHessian (top-10 at tol 1e-3, 100-probe trace, density: which fails on
 torch >= 1.9 because it calls the removed ``torch.eig``; recorded as a failure).
 """
