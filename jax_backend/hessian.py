@@ -292,7 +292,7 @@ class PytreeOperator(Operator):
         intermediates of every batch would have to be kept, so they are recomputed instead.
         """
         if self._linearized is None:
-            if self.dataset.num_batches != 1:
+            if self.dataset.num_batches != 1 or self.dataset.weights[0] != 1.0:
                 self._linearized = False
             else:
                 batch = jax.tree_util.tree_map(lambda leaf: leaf[0], self.dataset.groups[0])

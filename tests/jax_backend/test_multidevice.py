@@ -52,6 +52,15 @@ SCRIPT = textwrap.dedent(
     d1 = dualhess.density(single, num_probes=2, num_steps=8, seed=0)
     d2 = dualhess.density(multi, num_probes=2, num_steps=8, seed=0)
     np.testing.assert_allclose(d1.nodes, d2.nodes, rtol=1e-10, atol=1e-12)
+
+    # One batch: the kept linearisation, built on the mesh (sharded intermediates).
+    one_single = hessian(loss_fn, params, (X[:64], y[:64]))
+    one_multi = hessian(loss_fn, params, (X[:64], y[:64]), devices=jax.devices())
+    A1, B1 = np.asarray(one_single.matmat(V)), np.asarray(one_multi.matmat(V))
+    assert one_multi._linearization() is not None
+    assert np.abs(A1 - B1).max() <= 1e-12 * np.abs(A1).max()
+    full = np.asarray(hessian(loss_fn, params, [(X[:32], y[:32]), (X[32:64], y[32:64])]).matmat(V))
+    assert np.abs(A1 - full).max() <= 1e-12 * np.abs(A1).max()  # = the recomputing product
     print("OK", sharded)
     """
 )
