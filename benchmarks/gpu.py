@@ -181,9 +181,9 @@ def bench_torch(name: str, device: Any, args: argparse.Namespace) -> dict[str, A
     import torch
 
     import torch_backend
-    from dualhess.density import density
-    from dualhess.eigsh import eigsh
-    from dualhess.trace import trace
+    from dualhess._density import density
+    from dualhess._eigsh import eigsh
+    from dualhess._trace import trace
 
     model, data, loss_fn = build(name, device, args.tiny)
     params = [p for p in model.parameters() if p.requires_grad]

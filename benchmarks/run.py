@@ -216,10 +216,10 @@ def dualhess_run(op: Any, fn: Callable[[Any], Any]) -> Callable[[], Any]:
 def bench_model(task: Task, ref: Reference | None, cfg: Config, rows: list[Row],
                 extra: dict[str, Any]) -> None:
     """All tasks on one model (``ref=None``: timing only, no errors)."""
-    from dualhess.density import density
-    from dualhess.diagonal import diagonal
-    from dualhess.eigsh import eigsh
-    from dualhess.trace import trace
+    from dualhess._density import density
+    from dualhess._diagonal import diagonal
+    from dualhess._eigsh import eigsh
+    from dualhess._trace import trace
 
     name, k, reps = task.name, cfg.k, cfg.repeats if ref is not None else cfg.timing_repeats
     have = {tool: tool in cfg.tools and anchors.available(tool) for tool in anchors.PACKAGES}

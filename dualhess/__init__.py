@@ -15,15 +15,20 @@ array([5.])
 
 from __future__ import annotations
 
-from .alignment import Alignment
-from .backends import available_backends, crosscheck_model, get_backend, hessian
-from .checkpoint import CheckpointMismatchError
-from .crosscheck import CrosscheckReport, crosscheck
-from .density import density
-from .diagonal import diagonal
-from .eigsh import NotConvergedWarning, eigsh
-from .lanczos import lanczos
-from .operator import (
+from ._alignment import Alignment
+from ._crosscheck import CrosscheckReport, crosscheck
+from ._density import density
+from ._diagonal import diagonal
+from ._eigsh import eigsh
+from ._errors import (
+    BackendUnavailableError,
+    CheckpointMismatchError,
+    DualhessError,
+    NotConvergedWarning,
+    UnsupportedOpError,
+)
+from ._lanczos import lanczos
+from ._operator import (
     DenseOperator,
     ExactUnavailableError,
     Operator,
@@ -31,10 +36,11 @@ from .operator import (
     ParamEntry,
     ParamLayout,
 )
-from .per_layer import PerLayerSpectra, per_layer_spectra
-from .power import power_iteration
-from .results import DiagonalEstimate, Eigen, SpectralDensity, TraceEstimate, Tridiagonal
-from .trace import trace
+from ._per_layer import PerLayerSpectra, per_layer_spectra
+from ._power import power_iteration
+from ._results import DiagonalEstimate, Eigen, SpectralDensity, TraceEstimate, Tridiagonal
+from ._trace import trace
+from .backends import available_backends, crosscheck_model, get_backend, hessian
 
 __version__ = "0.1.0"
 
@@ -69,6 +75,9 @@ __all__ = [
     "SpectralDensity",
     "CrosscheckReport",
     "PerLayerSpectra",
+    "DualhessError",
+    "BackendUnavailableError",
+    "UnsupportedOpError",
     "CheckpointMismatchError",
     "NotConvergedWarning",
 ]

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator
+from ._operator import Operator
 
 __all__ = ["check_operator", "check_positive_int", "progress_bar", "check_finite_host"]
 
@@ -17,7 +17,7 @@ def check_operator(op: Any, where: str) -> Operator:
         return op
     shape = getattr(op, "shape", None)
     if shape is not None and len(shape) == 2:
-        from .operator import DenseOperator
+        from ._operator import DenseOperator
 
         return DenseOperator(op)
     raise TypeError(f"{where}: expected a dualhess.Operator or a square 2-D array, got {type(op).__name__}")

@@ -20,7 +20,8 @@ import importlib
 import sys
 from typing import Any, Protocol, runtime_checkable
 
-from .operator import Operator
+from ._errors import BackendUnavailableError
+from ._operator import Operator
 
 __all__ = [
     "Backend",
@@ -41,9 +42,6 @@ _REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 _LOADED: dict[str, Backend] = {}
 
-
-class BackendUnavailableError(ImportError):
-    """A backend was asked for but its framework is not installed."""
 
 
 @runtime_checkable
@@ -196,7 +194,7 @@ def crosscheck_model(
     >>> report = dualhess.crosscheck_model(model, torch.nn.CrossEntropyLoss(), (x, y))  # doctest: +SKIP
     >>> print(report)  # doctest: +SKIP
     """
-    from .crosscheck import crosscheck
+    from ._crosscheck import crosscheck
 
     torch_side = get_backend("torch")
     jax_side = get_backend("jax")

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._errors import UserFileError
+
 __all__ = ["main", "build_parser", "load_user_file", "UserFileError"]
 
 USER_FILE_HELP = """\
@@ -53,9 +55,6 @@ user files:
 
 DEFAULT_OUT = "dualhess-report"
 
-
-class UserFileError(Exception):
-    """A user model file could not be used; the message names the file and the function."""
 
 
 def _positive_int(text: str) -> int:
@@ -229,8 +228,8 @@ def _log_to_stderr(quiet: bool) -> Any:
 
 
 def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .analysis import AnalysisSettings, analyze, package_versions
-    from .report import SCHEMA_VERSION, format_table, write_report
+    from ._analysis import AnalysisSettings, analyze, package_versions
+    from ._report import SCHEMA_VERSION, format_table, write_report
 
     settings = AnalysisSettings(
         framework=args.framework,
@@ -254,7 +253,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         # The demo's products are tiny: one thread is fastest, and threads spinning on a
         # busy machine cost far more than they give (only effective before torch is imported).
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        from .demo import demo_problem
+        from ._demo import demo_problem
 
         model, loss_fn, data, demo_info = demo_problem(seed=args.seed, dtype=args.dtype, log=log)
         source = "demo"
@@ -293,8 +292,8 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _per_layer(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, log: Any) -> dict:
     """Per-layer spectra in the model's own framework; prints the table, draws the plot."""
+    from ._per_layer import per_layer_spectra
     from .backends import hessian
-    from .per_layer import per_layer_spectra
 
     log("per-layer spectra: the Hessian block of each layer")
     op = hessian(model, loss_fn, data, dtype=args.dtype)
@@ -308,7 +307,7 @@ def _per_layer(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, lo
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .report import compare
+    from ._report import compare
 
     result = compare(args.reports[0], args.reports[1], args.out, labels=args.labels,
                      framework=args.framework, plots=not args.no_plots)

@@ -15,10 +15,10 @@ Examples
 
 from __future__ import annotations
 
-from .convert import Twin, UnsupportedOpError, batch_from_torch, from_torch, loss_from_torch
-from .data import Dataset, prepare_data
-from .flax_adapters import from_linen, from_nnx
-from .hessian import (
+from ._convert import Twin, UnsupportedOpError, batch_from_torch, from_torch, loss_from_torch
+from ._data import Dataset, prepare_data
+from ._flax import from_linen, from_nnx
+from ._hessian import (
     DEFAULT_DENSE_HESSIAN_LIMIT,
     GGNOperator,
     HessianOperator,

@@ -39,9 +39,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dualhess.per_layer import MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._per_layer import MONITOR_METRICS, SpectrumTracker, TrackerViews
 
-from .hessian import HessianOperator, hessian
+from ._hessian import HessianOperator, hessian
 
 __all__ = ["HessianMonitor"]
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualhess.alignment import Alignment
+from dualhess._alignment import Alignment
 
 __all__ = ["JaxBackend", "dualhess_backend", "jax_dtype"]
 
@@ -100,7 +100,7 @@ class JaxBackend:
         return _is_nnx(model) or _is_linen_pair(model)
 
     def hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Any:
-        from .flax_adapters import from_linen, from_nnx
+        from ._flax import from_linen, from_nnx
 
         options["dtype"] = jax_dtype(options.get("dtype"))
         if options.pop("params", None) is not None:
@@ -132,8 +132,8 @@ class JaxBackend:
         Returns the JAX operator and the :class:`~dualhess.alignment.Alignment` from the torch
         operator's flat order (``torch_backend.hessian(..., params=params)``) to its own.
         """
-        from .convert import batch_from_torch, from_torch, loss_from_torch
-        from .hessian import hessian
+        from ._convert import batch_from_torch, from_torch, loss_from_torch
+        from ._hessian import hessian
 
         jdtype = jax_dtype(dtype)
         if jdtype == jnp.float64 and not jax.config.jax_enable_x64:
@@ -159,7 +159,7 @@ class JaxBackend:
             def full(p: Any) -> Any:
                 return p
         else:
-            from dualhess.operator import ParamLayout
+            from dualhess._operator import ParamLayout
 
             names = [e.name for e in twin.torch_layout.select(params)] if not isinstance(params, ParamLayout) else params.names
             tree, full, align = _select_block(twin, names)

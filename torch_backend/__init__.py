@@ -15,9 +15,9 @@ torch.Size([1210])
 
 from __future__ import annotations
 
-from .backpack import exact_diagonal, exact_trace
-from .curvature import FisherOperator, GGNOperator, fisher, ggn
-from .hessian import HessianOperator, TorchCurvatureOperator, hessian
+from ._backpack import exact_diagonal, exact_trace
+from ._curvature import FisherOperator, GGNOperator, fisher, ggn
+from ._hessian import HessianOperator, TorchCurvatureOperator, hessian
 from .monitor import HessianMonitor
 
 __all__ = [

@@ -42,10 +42,10 @@ from typing import Any
 
 import torch
 
-from dualhess.per_layer import MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._per_layer import MONITOR_METRICS, SpectrumTracker, TrackerViews
 
-from .hessian import HessianOperator
-from .hessian import hessian as _hessian_operator
+from ._hessian import HessianOperator
+from ._hessian import hessian as _hessian_operator
 
 __all__ = ["HessianMonitor"]  # + HessianMonitorCallback when Lightning is installed
 

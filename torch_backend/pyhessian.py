@@ -52,12 +52,12 @@ import numpy as np
 import torch
 
 from dualhess._array import default_rng
-from dualhess.density import density as _density
-from dualhess.eigsh import eigsh
-from dualhess.trace import trace as _trace
+from dualhess._density import density as _density
+from dualhess._eigsh import eigsh
+from dualhess._trace import trace as _trace
 
-from .hessian import HessianOperator
-from .hessian import hessian as _hessian_operator
+from ._hessian import HessianOperator
+from ._hessian import hessian as _hessian_operator
 
 __all__ = ["hessian", "SELECTIONS"]
 
@@ -215,7 +215,7 @@ class hessian:  # noqa: N801 - PyHessian's name, so that only the import changes
         if top_n > op.n:
             raise ValueError(f"top_n={top_n} exceeds the number of parameters {op.n}")
         if selection == "pyhessian":
-            from dualhess.power import power_iteration
+            from dualhess._power import power_iteration
 
             eig = power_iteration(op, k=top_n, max_iter=maxIter, tol=tol, seed=self._rng)
             values, vectors = np.asarray(eig.values), eig.vectors

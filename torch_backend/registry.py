@@ -30,7 +30,7 @@ class TorchBackend:
         return isinstance(model, torch.nn.Module)
 
     def hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Any:
-        from .hessian import hessian
+        from ._hessian import hessian
 
         options["dtype"] = torch_dtype(options.get("dtype"))
         return hessian(model, loss_fn, data, **options)

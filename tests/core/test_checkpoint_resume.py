@@ -13,7 +13,7 @@ import pytest
 
 import dualhess
 from dualhess import DenseOperator
-from dualhess.checkpoint import CheckpointMismatchError
+from dualhess._checkpoint import CheckpointMismatchError
 
 SCRIPT = textwrap.dedent(
     """

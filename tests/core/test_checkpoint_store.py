@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dualhess import DenseOperator
-from dualhess.checkpoint import Checkpoint, CheckpointMismatchError
+from dualhess._checkpoint import Checkpoint, CheckpointMismatchError
 
 
 def _op(scale: float = 1.0) -> DenseOperator:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dualhess import DenseOperator
-from dualhess.alignment import Alignment
-from dualhess.crosscheck import crosscheck
+from dualhess._alignment import Alignment
+from dualhess._crosscheck import crosscheck
 
 
 def _matrix(n: int = 30, seed: int = 0) -> np.ndarray:

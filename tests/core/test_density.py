@@ -15,7 +15,7 @@ from _matrices import (
 from scipy.stats import wasserstein_distance
 
 from dualhess import DenseOperator
-from dualhess.density import DEFAULT_SIGMA_FRACTION, density, trapezoid
+from dualhess._density import DEFAULT_SIGMA_FRACTION, density, trapezoid
 
 
 def _hessian_like(n: int, seed: int) -> np.ndarray:

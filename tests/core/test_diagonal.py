@@ -13,7 +13,7 @@ from _matrices import (
 
 from dualhess import DenseOperator, ExactUnavailableError, Operator
 from dualhess._array import to_numpy
-from dualhess.diagonal import diagonal
+from dualhess._diagonal import diagonal
 
 N = 300
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualhess import DenseOperator, Operator, OperatorError
-from dualhess.eigsh import NotConvergedWarning, eigsh
+from dualhess._eigsh import NotConvergedWarning, eigsh
 
 
 def expected_values(A: np.ndarray, k: int, which: str) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from conftest import as_numpy, dense_operator, make_symmetric
 
 from dualhess import DenseOperator, Operator, OperatorError
-from dualhess.lanczos import lanczos
+from dualhess._lanczos import lanczos
 
 # n = 500: the bulk uniformly in [0, 1], one eigenvalue at 2 well isolated from it.
 ISOLATED = np.r_[np.linspace(0.0, 1.0, 499), 2.0]

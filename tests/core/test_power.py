@@ -7,8 +7,8 @@ import pytest
 from conftest import as_numpy, dense_operator, make_symmetric
 
 from dualhess import DenseOperator, Operator, OperatorError
-from dualhess.eigsh import NotConvergedWarning
-from dualhess.power import power_iteration
+from dualhess._eigsh import NotConvergedWarning
+from dualhess._power import power_iteration
 
 # Indefinite, the dominant eigenvalue negative; successive magnitude ratios 1/2, so the
 # power iteration's error after stopping is below the last relative change (< tol).

@@ -14,7 +14,7 @@ from _matrices import (
 )
 
 from dualhess import DenseOperator, ExactUnavailableError, Operator
-from dualhess.trace import STOPPING_BLOCK, trace
+from dualhess._trace import STOPPING_BLOCK, trace
 
 N = 1000
 BUDGET = 90

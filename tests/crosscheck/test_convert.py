@@ -21,7 +21,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-from jax_backend.convert import (  # noqa: E402
+from jax_backend._convert import (  # noqa: E402
     Twin,
     UnsupportedOpError,
     batch_from_torch,

@@ -12,7 +12,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 
-from dualhess.trace import trace  # noqa: E402
+from dualhess._trace import trace  # noqa: E402
 from jax_backend import hessian  # noqa: E402
 from jax_backend.monitor import HessianMonitor  # noqa: E402
 

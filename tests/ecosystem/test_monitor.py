@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 import torch_backend as tb  # noqa: E402
-from dualhess.trace import trace  # noqa: E402
+from dualhess._trace import trace  # noqa: E402
 from torch_backend.examples import load_digits, make_mlp  # noqa: E402
 from torch_backend.monitor import HessianMonitor  # noqa: E402
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dualhess import DenseOperator, ParamLayout
-from dualhess.per_layer import BlockOperator, group_by_layer, per_layer_spectra, top_eigenpair
+from dualhess._per_layer import BlockOperator, group_by_layer, per_layer_spectra, top_eigenpair
 
 
 def _indefinite(n: int, seed: int) -> np.ndarray:

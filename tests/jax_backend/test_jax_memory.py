@@ -12,7 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import jax_backend  # noqa: E402
 
-jh = sys.modules["jax_backend.hessian"]  # the module (the package exports the function)
+jh = sys.modules["jax_backend._hessian"]  # the module (the package exports the function)
 
 
 def test_auto_chunk_for_jax():

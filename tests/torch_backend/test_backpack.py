@@ -49,8 +49,8 @@ def test_ggn_diagonal_matches_dense(name):
 
 
 def test_core_exact_methods_use_backpack():
-    trace = pytest.importorskip("dualhess.trace")
-    diagonal = pytest.importorskip("dualhess.diagonal")
+    trace = pytest.importorskip("dualhess._trace")
+    diagonal = pytest.importorskip("dualhess._diagonal")
     model, X, y = trained("mlp")
     H = reference("mlp")
     op = tb.hessian(model, CE, (X, y), method="func")

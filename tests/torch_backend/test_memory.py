@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_backend as tb  # noqa: E402
-from torch_backend import memory  # noqa: E402
+from torch_backend import _memory as memory  # noqa: E402
 
 
 def _problem():

@@ -29,7 +29,7 @@ import torch
 
 from dualhess import ParamLayout
 
-from .data import Batch, Problem
+from ._data import Batch, Problem
 
 __all__ = ["ENGINES", "FuncEngine", "AutogradEngine", "PyHessianEngine", "columns_to_dict"]
 

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dualhess.alignment import Alignment
-from dualhess.operator import ParamLayout
+from dualhess._alignment import Alignment
+from dualhess._errors import UnsupportedOpError
+from dualhess._operator import ParamLayout
 
 __all__ = [
     "Twin",
@@ -45,12 +46,6 @@ __all__ = [
 _HIGHEST = lax.Precision.HIGHEST
 _ROOT = "<root>"
 
-
-class UnsupportedOpError(NotImplementedError):
-    """A torch op (module, function or method) that the JAX twin cannot reproduce.
-
-    The message names the op and the module path where it occurs.
-    """
 
 
 class _OpError(Exception):
@@ -121,7 +116,7 @@ class Twin:
     Examples
     --------
     >>> import jax, torch
-    >>> from jax_backend.convert import from_torch
+    >>> from jax_backend import from_torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
     >>> twin = from_torch(net, torch.zeros(1, 3))
     >>> twin.params["0"]["weight"].shape
@@ -160,7 +155,7 @@ class Twin:
         Examples
         --------
         >>> import jax, numpy as np, torch
-        >>> from jax_backend.convert import from_torch
+        >>> from jax_backend import from_torch
         >>> twin = from_torch(torch.nn.Linear(3, 2), torch.zeros(1, 3))
         >>> module = twin.linen_module()
         >>> variables = module.init(jax.random.key(0), np.zeros((1, 3), np.float32))
@@ -308,7 +303,7 @@ def from_torch(
     Examples
     --------
     >>> import jax, torch
-    >>> from jax_backend.convert import from_torch
+    >>> from jax_backend import from_torch
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(),
     ...                           torch.nn.Flatten(), torch.nn.Linear(32, 3))
     >>> x = torch.randn(5, 1, 4, 4)
@@ -1672,7 +1667,7 @@ def loss_from_torch(loss_module: Any) -> Callable[[Any, Any], Any]:
     Examples
     --------
     >>> import numpy as np, torch
-    >>> from jax_backend.convert import loss_from_torch
+    >>> from jax_backend import loss_from_torch
     >>> loss = loss_from_torch(torch.nn.CrossEntropyLoss())
     >>> round(float(loss(np.zeros((2, 4)), np.array([0, 3]))), 6)   # log(4)
     1.386294
@@ -1779,7 +1774,7 @@ def batch_from_torch(batch: Any, *, as_jax: bool = False) -> Any:
     Examples
     --------
     >>> import torch
-    >>> from jax_backend.convert import batch_from_torch
+    >>> from jax_backend import batch_from_torch
     >>> x, y = batch_from_torch((torch.ones(2, 3), torch.tensor([0, 1])))
     >>> type(x).__name__, x.shape, y.dtype
     ('ndarray', (2, 3), dtype('int64'))

@@ -28,7 +28,7 @@ Examples
 --------
 >>> import numpy as np
 >>> from dualhess import DenseOperator, ParamLayout
->>> from dualhess.per_layer import per_layer_spectra
+>>> from dualhess import per_layer_spectra
 >>> op = DenseOperator(np.diag([4.0, 1.0, 3.0, 2.0, -1.0]))
 >>> op.layout = ParamLayout.from_shapes([("a.weight", (2,)), ("a.bias", (1,)), ("b.weight", (2,))])
 >>> result = per_layer_spectra(op, seed=0)
@@ -48,11 +48,11 @@ from typing import Any
 import numpy as np
 
 from ._array import array_namespace, default_rng, device, to_numpy
+from ._lanczos import lanczos
+from ._operator import ExactUnavailableError, Operator, ParamEntry, ParamLayout
+from ._results import Eigen, Result
+from ._trace import trace
 from ._util import check_operator, check_positive_int
-from .lanczos import lanczos
-from .operator import ExactUnavailableError, Operator, ParamEntry, ParamLayout
-from .results import Eigen, Result
-from .trace import trace
 
 __all__ = [
     "BlockOperator",
@@ -121,7 +121,7 @@ def top_eigenpair(
     Examples
     --------
     >>> import numpy as np, dualhess
-    >>> from dualhess.per_layer import top_eigenpair
+    >>> from dualhess._per_layer import top_eigenpair
     >>> op = dualhess.DenseOperator(np.diag(np.arange(1.0, 101.0)))
     >>> eig = top_eigenpair(op, tol=1e-10, seed=0)
     >>> round(float(eig.values[0]), 8), bool(eig.converged[0])

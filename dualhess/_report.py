@@ -19,7 +19,7 @@ matplotlib is imported only when a figure is drawn, with the non-interactive ``A
 
 Examples
 --------
->>> from dualhess.report import format_table, SCHEMA
+>>> from dualhess._report import format_table, SCHEMA
 >>> "results.<framework>.summary.lambda_max" in SCHEMA
 True
 """

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from ._array import array_namespace, default_rng, to_numpy
+from ._operator import Operator
+from ._results import DiagonalEstimate
+from ._trace import _check_method, _draw_probes, _host, _loo_directions, _numerically_singular, _qr
 from ._util import check_operator, check_positive_int, progress_bar
-from .operator import Operator
-from .results import DiagonalEstimate
-from .trace import _check_method, _draw_probes, _host, _loo_directions, _numerically_singular, _qr
 
 __all__ = ["diagonal"]
 
@@ -114,7 +114,7 @@ def diagonal(
     Examples
     --------
     >>> import numpy as np, dualhess
-    >>> from dualhess.diagonal import diagonal
+    >>> from dualhess import diagonal
     >>> rng = np.random.default_rng(0)
     >>> U, _ = np.linalg.qr(rng.standard_normal((100, 100)))
     >>> A = (U * 0.5 ** np.arange(100)) @ U.T

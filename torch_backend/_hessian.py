@@ -11,11 +11,11 @@ import torch
 
 import dualhess
 
-from .data import Problem, resolve_reduction
-from .distributed import all_reduce_sum, unwrap_ddp
-from .engines import ENGINES
-from .memory import resolve_auto_chunk
-from .params import ParamSpec, check_model_mode, prepare_model, select_params
+from ._data import Problem, resolve_reduction
+from ._distributed import all_reduce_sum, unwrap_ddp
+from ._engines import ENGINES
+from ._memory import resolve_auto_chunk
+from ._params import ParamSpec, check_model_mode, prepare_model, select_params
 
 __all__ = ["hessian", "HessianOperator", "TorchCurvatureOperator", "build_problem"]
 
@@ -150,7 +150,7 @@ class TorchCurvatureOperator(dualhess.Operator):
             )
 
     def _exact(self, curvature: str) -> torch.Tensor:
-        from .backpack import backpack_diagonal
+        from ._backpack import backpack_diagonal
 
         return backpack_diagonal(self.problem, self.layout, curvature)
 

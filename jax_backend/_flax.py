@@ -17,8 +17,8 @@ from typing import Any
 
 import jax
 
-from .data import path_name
-from .hessian import GGNOperator, HessianOperator, PytreeOperator, reduce_loss
+from ._data import path_name
+from ._hessian import GGNOperator, HessianOperator, PytreeOperator, reduce_loss
 
 __all__ = ["from_linen", "from_nnx", "inference_kwargs"]
 

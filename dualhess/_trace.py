@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from ._array import array_namespace, default_rng, dtype_name, safe_column_norms, to_numpy
+from ._operator import Operator
+from ._results import TraceEstimate
 from ._util import check_operator, check_positive_int, progress_bar
-from .operator import Operator
-from .results import TraceEstimate
 
 __all__ = ["trace"]
 
@@ -285,7 +285,7 @@ def trace(
     Examples
     --------
     >>> import numpy as np, dualhess
-    >>> from dualhess.trace import trace
+    >>> from dualhess import trace
     >>> op = dualhess.DenseOperator(np.diag(1.0 / np.arange(1.0, 201.0) ** 2))
     >>> est = trace(op, method="xtrace", num_matvecs=60, seed=0)
     >>> abs(est.value - float(np.sum(1.0 / np.arange(1.0, 201.0) ** 2))) < 1e-2
@@ -294,7 +294,7 @@ def trace(
     60
     """
     if checkpoint is not None:
-        from .checkpoint import checkpointed
+        from ._checkpoint import checkpointed
 
         op = check_operator(op, "trace")
         settings = {"method": method, "num_matvecs": num_matvecs, "seed": seed, "target_stderr": target_stderr, "distribution": distribution}

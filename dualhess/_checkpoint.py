@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from ._array import dtype_name, from_numpy, is_float64, to_numpy
-from .operator import Operator
+from ._errors import CheckpointMismatchError
+from ._operator import Operator
 
 __all__ = ["Checkpoint", "CheckpointMismatchError", "open_checkpoint", "checkpointed"]
 
@@ -41,9 +42,6 @@ _PROBE_SEED = 20240601
 #: Products between two saves when ``checkpoint_every`` is not given.
 DEFAULT_EVERY = 10
 
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint file belongs to another run (other settings or another operator)."""
 
 
 def _canonical(settings: dict[str, Any]) -> dict[str, Any]:

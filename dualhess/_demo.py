@@ -9,7 +9,7 @@ framework itself.
 
 Examples
 --------
->>> from dualhess.demo import demo_problem
+>>> from dualhess._demo import demo_problem
 >>> model, loss_fn, data, info = demo_problem(seed=0)  # doctest: +SKIP
 >>> info["num_params"]  # doctest: +SKIP
 2730

@@ -27,7 +27,7 @@ Examples
 --------
 >>> import numpy as np
 >>> from dualhess import DenseOperator
->>> from dualhess.analysis import AnalysisSettings, run_analysis
+>>> from dualhess._analysis import AnalysisSettings, run_analysis
 >>> ops = {"numpy": DenseOperator(np.diag(np.arange(-2.0, 8.0)))}
 >>> out = run_analysis(ops, AnalysisSettings(top_k=2, trace_matvecs=9, density_probes=2,
 ...                                          density_steps=5, progress=False))
@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
+from ._alignment import Alignment
 from ._array import array_namespace, dtype_name, is_float64, to_numpy
-from .alignment import Alignment
-from .operator import ExactUnavailableError, Operator
+from ._operator import ExactUnavailableError, Operator
 
 __all__ = [
     "AnalysisSettings",
@@ -231,7 +231,7 @@ class PermutedOperator(Operator):
     --------
     >>> import numpy as np
     >>> from dualhess import DenseOperator
-    >>> from dualhess.alignment import Alignment
+    >>> from dualhess import Alignment
     >>> op = PermutedOperator(DenseOperator(np.diag([1.0, 2.0, 3.0])), Alignment([2, 0, 1]))
     >>> op @ np.ones(3)
     array([2., 3., 1.])
@@ -313,9 +313,9 @@ def analyze_operator(
 
     See :data:`dualhess.report.SCHEMA` (``results.<framework>.*``) for the keys.
     """
-    from .density import density
-    from .eigsh import eigsh
-    from .trace import trace
+    from ._density import density
+    from ._eigsh import eigsh
+    from ._trace import trace
 
     settings.validate()
     if settings.top_k >= op.n:
@@ -507,7 +507,7 @@ def run_analysis(
         timings[label] = time.perf_counter() - t0
     cross = agreement = None
     if len(labels) == 2:
-        from .crosscheck import crosscheck, default_rtol
+        from ._crosscheck import crosscheck, default_rtol
 
         op_a, op_b = (operators[x] for x in labels)
         n = op_a.n
@@ -576,7 +576,7 @@ def analyze(
     Examples
     --------
     >>> import torch  # doctest: +SKIP
-    >>> from dualhess.analysis import analyze, AnalysisSettings  # doctest: +SKIP
+    >>> from dualhess._analysis import analyze, AnalysisSettings  # doctest: +SKIP
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))  # doctest: +SKIP
     >>> data = (torch.randn(32, 4), torch.randint(0, 2, (32,)))  # doctest: +SKIP
     >>> out = analyze(model, torch.nn.CrossEntropyLoss(), data, AnalysisSettings(top_k=2))  # doctest: +SKIP

@@ -16,9 +16,9 @@ import array_api_extra as xpx
 import numpy as np
 
 from ._array import array_namespace, default_rng, device, safe_vector_norm, to_numpy
+from ._operator import Operator
+from ._results import Tridiagonal
 from ._util import check_operator, check_positive_int, progress_bar
-from .operator import Operator
-from .results import Tridiagonal
 
 __all__ = ["lanczos"]
 
@@ -100,7 +100,7 @@ def lanczos(
     10.0
     """
     if checkpoint is not None:
-        from .checkpoint import checkpointed
+        from ._checkpoint import checkpointed
 
         op = check_operator(op, "lanczos")
         settings = {"num_steps": num_steps, "num_probes": num_probes, "seed": seed, "reorthogonalize": reorthogonalize, "start": None if start is None else "given"}

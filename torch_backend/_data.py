@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .distributed import active_group, all_reduce_scalar
+from ._distributed import active_group, all_reduce_scalar
 
 
 @contextlib.contextmanager

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from dualhess.operator import Operator, OperatorError, ParamLayout
+from dualhess._operator import Operator, OperatorError, ParamLayout
 
-from .data import Dataset, path_name, prepare_data, x64_enabled
+from ._data import Dataset, path_name, prepare_data, x64_enabled
 
 __all__ = [
     "PytreeOperator",

@@ -33,9 +33,10 @@ import array_api_extra as xpx
 import numpy as np
 
 from ._array import array_namespace, default_rng, device, safe_column_norms, safe_norm, to_numpy
+from ._errors import NotConvergedWarning
+from ._operator import Operator, OperatorError
+from ._results import Eigen
 from ._util import check_operator, progress_bar
-from .operator import Operator, OperatorError
-from .results import Eigen
 
 __all__ = ["eigsh", "NotConvergedWarning"]
 
@@ -44,9 +45,6 @@ _WHICH = ("LA", "SA", "LM", "BE")
 #: Lanczos steps spent on a fresh random vector to look for missed eigenvalues.
 _CHECK_STEPS = 4
 
-
-class NotConvergedWarning(RuntimeWarning):
-    """An iterative method stopped at its budget before reaching its tolerance."""
 
 
 def _select(theta: np.ndarray, count: int, which: str) -> np.ndarray:
@@ -350,7 +348,7 @@ def eigsh(
     --------
     >>> import numpy as np
     >>> from dualhess import DenseOperator
-    >>> from dualhess.eigsh import eigsh
+    >>> from dualhess import eigsh
     >>> op = DenseOperator(np.diag([4.0, 3.0, 2.0, 1.0, -5.0]))
     >>> np.round(eigsh(op, k=2, seed=0).values, 8)
     array([4., 3.])
@@ -358,7 +356,7 @@ def eigsh(
     array([-5.])
     """
     if checkpoint is not None:
-        from .checkpoint import checkpointed
+        from ._checkpoint import checkpointed
 
         op = check_operator(op, "eigsh")
         settings = {"k": k, "which": which, "tol": tol, "max_matvecs": max_matvecs, "max_basis": max_basis, "seed": seed}

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from .data import Batch
-from .engines import columns_to_dict, dict_to_columns
-from .hessian import TorchCurvatureOperator, build_problem
-from .memory import resolve_auto_chunk
-from .params import ParamSpec
+from ._data import Batch
+from ._engines import columns_to_dict, dict_to_columns
+from ._hessian import TorchCurvatureOperator, build_problem
+from ._memory import resolve_auto_chunk
+from ._params import ParamSpec
 
 __all__ = ["ggn", "fisher", "GGNOperator", "FisherOperator"]
 

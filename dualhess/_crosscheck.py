@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ._alignment import Alignment
 from ._array import default_rng, is_float64, to_numpy
+from ._operator import Operator
+from ._results import Result
 from ._util import check_operator, check_positive_int
-from .alignment import Alignment
-from .operator import Operator
-from .results import Result
 
 __all__ = ["crosscheck", "CrosscheckReport", "BlockDifference", "default_rtol"]
 
@@ -213,7 +213,7 @@ def crosscheck(
     res_b: list[float] = []
     eig_max_diff, eig_bound, eig_ok = 0.0, 0.0, True
     if k > 0:
-        from .eigsh import eigsh
+        from ._eigsh import eigsh
 
         tol = max(rtol if eig_tol is None else eig_tol, 1e-12)
         ea = eigsh(op_a, k=k, which="LA", tol=tol, seed=rng, return_vectors=False, progress=progress)

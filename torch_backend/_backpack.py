@@ -22,7 +22,7 @@ import torch
 
 import dualhess
 
-from .data import Problem
+from ._data import Problem
 
 __all__ = ["exact_diagonal", "exact_trace", "backpack_diagonal"]
 
@@ -184,7 +184,7 @@ def exact_diagonal(
     >>> exact_diagonal(model, torch.nn.CrossEntropyLoss(), (X, y)).shape
     torch.Size([8])
     """
-    from .hessian import build_problem
+    from ._hessian import build_problem
 
     problem, layout, _, _ = build_problem(
         model,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._array import array_namespace, device, dtype_name, from_numpy, to_numpy
+from ._errors import ExactUnavailableError, OperatorError
 
 __all__ = [
     "Operator",
@@ -45,12 +46,6 @@ __all__ = [
 DEFAULT_DENSE_LIMIT = 8192
 
 
-class OperatorError(ValueError):
-    """Bad input to an operator (shape, dtype, device) or bad output (NaN/Inf)."""
-
-
-class ExactUnavailableError(NotImplementedError):
-    """The operator cannot provide an exact diagonal / trace (use a stochastic method)."""
 
 
 def _namespace_name(x: Any) -> str:

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from ._array import default_rng
+from ._lanczos import lanczos
+from ._results import SpectralDensity
+from ._trace import _draw_probes
 from ._util import check_operator, check_positive_int
-from .lanczos import lanczos
-from .results import SpectralDensity
-from .trace import _draw_probes
 
 __all__ = ["density", "gaussian_broadening", "trapezoid"]
 
@@ -143,14 +143,14 @@ def density(
     Examples
     --------
     >>> import numpy as np, dualhess
-    >>> from dualhess.density import density, trapezoid
+    >>> from dualhess._density import density, trapezoid
     >>> op = dualhess.DenseOperator(np.diag(np.linspace(-1.0, 1.0, 200)))
     >>> d = density(op, num_probes=4, num_steps=30, seed=0)
     >>> d.nodes.shape, round(trapezoid(d.values, d.grid), 12)
     ((4, 30), 1.0)
     """
     if checkpoint is not None:
-        from .checkpoint import checkpointed
+        from ._checkpoint import checkpointed
 
         op = check_operator(op, "density")
         settings = {"num_probes": num_probes, "num_steps": num_steps, "sigma": sigma, "num_grid": num_grid, "seed": seed, "reorthogonalize": reorthogonalize, "grid": None if grid is None else "given"}

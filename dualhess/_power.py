@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from ._array import array_namespace, default_rng, safe_norm
+from ._eigsh import NotConvergedWarning
+from ._operator import Operator, OperatorError
+from ._results import Eigen
 from ._util import check_operator, check_positive_int, progress_bar
-from .eigsh import NotConvergedWarning
-from .operator import Operator, OperatorError
-from .results import Eigen
 
 __all__ = ["power_iteration"]
 
@@ -81,7 +81,7 @@ def power_iteration(
     --------
     >>> import numpy as np
     >>> from dualhess import DenseOperator
-    >>> from dualhess.power import power_iteration
+    >>> from dualhess import power_iteration
     >>> op = DenseOperator(np.diag([1.0, -8.0, 2.0, 0.5]))
     >>> res = power_iteration(op, k=2, tol=1e-10, max_iter=500, seed=0)
     >>> np.round(res.values, 6)

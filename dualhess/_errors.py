@@ -1,0 +1,63 @@
+"""Every exception dualhess raises on purpose, under one base class.
+
+``except dualhess.DualhessError`` catches them all. Each class also keeps the built-in base it
+had before the hierarchy existed (``ValueError``, ``NotImplementedError``, ``ImportError``), so
+callers that catch those keep working.
+
+Examples
+--------
+>>> import numpy as np, dualhess
+>>> try:
+...     dualhess.DenseOperator(np.ones((2, 3)))
+... except dualhess.DualhessError as exc:
+...     print(type(exc).__name__)
+OperatorError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DualhessError",
+    "OperatorError",
+    "ExactUnavailableError",
+    "CheckpointMismatchError",
+    "BackendUnavailableError",
+    "UnsupportedOpError",
+    "UserFileError",
+    "NotConvergedWarning",
+]
+
+
+class DualhessError(Exception):
+    """Base class of every error dualhess raises on purpose; the message says what to do."""
+
+
+class OperatorError(DualhessError, ValueError):
+    """Bad input to an operator (shape, dtype, device, data, loss) or bad output (NaN/Inf)."""
+
+
+class ExactUnavailableError(DualhessError, NotImplementedError):
+    """The operator cannot provide an exact diagonal / trace (use a stochastic method)."""
+
+
+class CheckpointMismatchError(DualhessError, ValueError):
+    """The checkpoint file belongs to another run (other settings or another operator)."""
+
+
+class BackendUnavailableError(DualhessError, ImportError):
+    """A backend was asked for but its framework is not installed."""
+
+
+class UnsupportedOpError(DualhessError, NotImplementedError):
+    """An operation of a PyTorch model that the JAX twin cannot reproduce.
+
+    The message names the operation and where it occurs in the user's source.
+    """
+
+
+class UserFileError(DualhessError):
+    """A user model file could not be used; the message names the file and the function."""
+
+
+class NotConvergedWarning(RuntimeWarning):
+    """An iterative method stopped at its budget before reaching its tolerance."""
