@@ -28,6 +28,9 @@ __all__ = [
     "make_layernorm_mlp",
     "make_groupnorm_cnn",
     "ResidualMLP",
+    "ResNet18",
+    "BasicBlock",
+    "make_resnet18",
     "train",
     "MODELS",
 ]
@@ -138,6 +141,105 @@ def make_residual(
 ) -> nn.Module:
     """A residual MLP on flat digits (see :class:`ResidualMLP`)."""
     return _init(ResidualMLP(hidden), seed, dtype)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: two 3x3 convolutions with BatchNorm, identity shortcut or a
+    1x1 strided convolution + BatchNorm (``downsample``) when the shape changes."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in torchvision's layout (``conv1, bn1, relu, maxpool, layer1..4, avgpool, fc``;
+    the same parameter names), with the base width as a parameter (torchvision: 64).
+    ``stem="cifar"`` is the usual small-image variant: a 3x3 stride-1 ``conv1`` and no max
+    pooling (``maxpool`` is an ``nn.Identity``), the parameter names unchanged.
+
+    Written here rather than imported: torchvision from PyPI does not load beside every torch
+    build, and dualhess needs no torchvision.
+    """
+
+    def __init__(
+        self, width: int = 64, num_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet"
+    ) -> None:
+        super().__init__()
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        layers, inplanes = [], width
+        for i, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def make_resnet18(
+    width: int = 8,
+    num_classes: int = 10,
+    *,
+    in_channels: int = 3,
+    stem: str = "cifar",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    running_stats: bool = True,
+) -> nn.Module:
+    """A ResNet-18 (torchvision's layout, :class:`ResNet18`) in eval mode, for 32x32 images.
+
+    ``width=8`` gives 176,402 parameters for 10 classes (``stem="cifar"``; ``"imagenet"`` has
+    torchvision's 7x7 stride-2 ``conv1`` and max pooling). With ``running_stats`` the BatchNorm
+    running means and variances are set to non-trivial values (drawn from ``seed``), so an
+    eval-mode analysis does not silently equal one with fresh statistics.
+
+    Examples
+    --------
+    >>> from torch_backend.examples import make_resnet18
+    >>> sum(p.numel() for p in make_resnet18(width=8).parameters())
+    176402
+    """
+    model = _init(ResNet18(width, num_classes, in_channels, stem), seed, dtype)
+    if running_stats:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen, dtype=dtype))
+                    m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen, dtype=dtype))
+    return model.eval()
 
 
 #: name -> (constructor, whether it takes flat inputs)
