@@ -20,6 +20,7 @@ __all__ = [
     "DualhessError",
     "OperatorError",
     "ExactUnavailableError",
+    "LossUnavailableError",
     "CheckpointMismatchError",
     "BackendUnavailableError",
     "UnsupportedOpError",
@@ -38,6 +39,10 @@ class OperatorError(DualhessError, ValueError):
 
 class ExactUnavailableError(DualhessError, NotImplementedError):
     """The operator cannot provide an exact diagonal / trace (use a stochastic method)."""
+
+
+class LossUnavailableError(DualhessError, NotImplementedError):
+    """The operator has no loss (e.g. a DenseOperator): no ``loss_at`` / ``gradient``."""
 
 
 class CheckpointMismatchError(DualhessError, ValueError):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._array import array_namespace, device, dtype_name, from_numpy, to_numpy
-from ._errors import ExactUnavailableError, OperatorError
+from ._errors import ExactUnavailableError, LossUnavailableError, OperatorError
 
 __all__ = [
     "Operator",
@@ -259,6 +259,45 @@ class Operator:
     def exact_trace(self) -> float:
         """The exact trace, where the operator can provide it (sum of the exact diagonal)."""
         return float(np.sum(to_numpy(self.exact_diagonal()), dtype=np.float64))
+
+    # ------------------------------------------------------------------ the loss behind it
+    def loss_at(self, delta: Any) -> float:
+        """The whole-data-set loss at ``theta + delta``, where the operator has a loss.
+
+        Backend curvature operators (Hessian, GGN, Fisher in either framework) evaluate the
+        loss they are the curvature of, over the same data and with the same weighting, at
+        the parameters shifted by ``delta``. Loss landscapes (:func:`dualhess.loss_landscape`)
+        are built from it.
+
+        Parameters
+        ----------
+        delta : native array, shape (n,)
+            The shift, in the operator's flat parameter order (``op.layout``).
+
+        Raises
+        ------
+        LossUnavailableError
+            When the operator is a plain matrix with no loss behind it.
+        """
+        raise LossUnavailableError(
+            f"{type(self).__name__} has no loss to evaluate: loss_at() and gradient() need a "
+            "backend curvature operator (torch_backend.hessian, jax_backend.hessian, ...); "
+            "for a matrix of your own, subclass the operator and implement loss_at/gradient"
+        )
+
+    def gradient(self) -> Any:
+        """The gradient of the whole-data-set loss at ``theta``, a native ``(n,)`` vector.
+
+        Raises
+        ------
+        LossUnavailableError
+            When the operator is a plain matrix with no loss behind it.
+        """
+        raise LossUnavailableError(
+            f"{type(self).__name__} has no loss, so no gradient: gradient() and loss_at() "
+            "need a backend curvature operator (torch_backend.hessian, jax_backend.hessian, "
+            "...); for a matrix of your own, subclass the operator and implement them"
+        )
 
     # ------------------------------------------------------------------ interop
     def to_scipy(self) -> Any:
