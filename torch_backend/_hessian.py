@@ -13,7 +13,7 @@ import dualhess
 
 from ._data import Problem, resolve_reduction
 from ._distributed import all_reduce_sum, unwrap_ddp
-from ._engines import ENGINES
+from ._engines import ENGINES, choose_engines
 from ._memory import resolve_auto_chunk
 from ._params import ParamSpec, check_model_mode, prepare_model, select_params
 
@@ -123,6 +123,63 @@ class TorchCurvatureOperator(dualhess.Operator):
     def reduction(self) -> str:
         return self.problem.reduction
 
+    @property
+    def params_flat(self) -> torch.Tensor:
+        """The selected parameters the curvature is taken at, as one flat vector."""
+        return self.layout.join(self.selected)
+
+    def _shifted(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        shape = tuple(getattr(delta, "shape", ()))
+        if shape != (self.n,):
+            raise dualhess.OperatorError(
+                f"{type(self).__name__}: expected a flat shift of shape ({self.n},) in the "
+                f"order of op.layout, got shape {shape}"
+            )
+        delta = delta.detach().to(dtype=self.dtype, device=self.problem.device)
+        parts = self.layout.split(delta)
+        moved = {name: value + parts[name] for name, value in self.selected.items()}
+        return {**self.fixed, **moved}
+
+    def loss_at(self, delta: torch.Tensor) -> float:
+        """The whole-data-set loss at ``theta + delta`` (same data and weights as the products).
+
+        Parameters
+        ----------
+        delta : torch.Tensor, shape (n,)
+            The shift of the selected parameters, in the order of ``op.layout``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch_backend import hessian
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> op = hessian(torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss(), (X, y))
+        >>> op.loss_at(torch.zeros(op.n)) == op.loss
+        True
+        """
+        return float(self.problem.total_loss(self._shifted(delta)))
+
+    def gradient(self) -> torch.Tensor:
+        """The gradient of the whole-data-set loss at ``theta``, a flat ``(n,)`` tensor.
+
+        Each batch's gradient is weighted as in the products (exact per-sample mean over
+        unequal batches); under ``torch.distributed`` it is summed over the ranks.
+        """
+        names = list(self.selected)
+        total = torch.zeros(self.n, dtype=self.dtype, device=self.problem.device)
+        for weight, batch in self.problem.batches():
+            leaves = {name: self.selected[name].detach().requires_grad_(True) for name in names}
+            with torch.enable_grad():
+                loss = self.problem.batch_loss({**self.fixed, **leaves}, batch)
+                grads = torch.autograd.grad(loss, [leaves[name] for name in names],
+                                            allow_unused=True)
+            flat = torch.cat([
+                torch.zeros(leaves[name].numel(), dtype=self.dtype, device=total.device)
+                if g is None else g.reshape(-1) for name, g in zip(names, grads)
+            ])
+            total = total + weight * flat.detach()
+        return all_reduce_sum(total, self.problem.group)
+
     def split(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector into ``{parameter name: tensor of the parameter's shape}``."""
         return self.layout.split(vec)
@@ -158,8 +215,10 @@ class TorchCurvatureOperator(dualhess.Operator):
 class HessianOperator(TorchCurvatureOperator):
     """The Hessian of the whole-data-set loss with respect to the selected parameters.
 
-    Build it with :func:`hessian`. ``method`` records the HVP engine in use (the one chosen by
-    ``"auto"``), ``method_timings`` the seconds per product measured by ``"auto"``.
+    Build it with :func:`hessian`. ``method`` records the HVP engine of ``matvec`` (the one
+    chosen by ``"auto"``), ``matmat_method`` that of ``matmat`` (``"autograd (columns)"``: one
+    product per column), ``method_timings`` the seconds per product measured by ``"auto"`` and
+    ``method_failures`` why a probe failed or was skipped.
     """
 
     curvature = "hessian"
@@ -170,6 +229,7 @@ class HessianOperator(TorchCurvatureOperator):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method_timings: dict[str, float] = {}
         self.method_failures: dict[str, str] = {}
+        self.matmat_method = method
         if method == "auto":
             method, self._engine = self._choose_method()
         else:
@@ -177,28 +237,29 @@ class HessianOperator(TorchCurvatureOperator):
         self.method = method
 
     def _choose_method(self) -> tuple[str, Any]:
-        """Time ``func`` and ``autograd`` on two columns; keep the faster engine (as built:
-        the autograd engine's first-order graph is not built twice)."""
-        v = self.asarray(np.random.default_rng(1).standard_normal((self.n, 2)))
-        engines = {}
-        for name in ("func", "autograd"):
-            engine = ENGINES[name](self.problem, self.layout, self.selected, self.fixed)
-            try:
-                engine.matmat(v)  # warm-up (graph building, caches)
-            except RuntimeError as exc:  # e.g. an op without forward-over-reverse support
-                self.method_failures[name] = str(exc).splitlines()[0]
-                continue
-            start = time.perf_counter()
-            engine.matmat(v)
-            self.method_timings[name] = (time.perf_counter() - start) / 2
-            engines[name] = engine
-        if not self.method_timings:
-            raise RuntimeError(
-                "no HVP method works for this model: "
-                + "; ".join(f"{k}: {v}" for k, v in self.method_failures.items())
-            )
-        best = min(self.method_timings, key=self.method_timings.get)
-        return best, engines[best]
+        """Pick the ``matvec`` and ``matmat`` engines from single products (see
+        :func:`torch_backend._engines.choose_engines`: a few products' worth, with a margin).
+        The products made double as the determinism check."""
+        v = self.asarray(np.random.default_rng(0).standard_normal(self.n))
+        best, self.matmat_method, engine, timings, failures, probe = choose_engines(
+            self.problem, self.layout, self.selected, self.fixed, v
+        )
+        self.method_timings.update(timings)
+        self.method_failures.update(failures)
+        self._probe = probe
+        return best, engine
+
+    def _check_deterministic(self, seed: int = 0) -> None:
+        """Reuse the two products ``"auto"`` made of one vector (two engines, same matrix);
+        where they differ, or only one was made, compare two products of the chosen one."""
+        probe, self._probe = getattr(self, "_probe", None), None
+        if seed == 0 and probe is not None and probe[2] is not None:
+            _, first, second = probe
+            scale = float(torch.linalg.vector_norm(first))
+            diff = float(torch.linalg.vector_norm(first - second))
+            if diff <= float(torch.finfo(self.dtype).eps) ** 0.5 * max(scale, 1e-30):
+                return
+        super()._check_deterministic(seed)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._engine.matvec(v)
