@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dualhess._errors import LossUnavailableError
 from dualhess._operator import Operator, OperatorError, ParamLayout
 
 from ._data import Dataset, path_name, prepare_data, x64_enabled
@@ -271,6 +272,67 @@ class PytreeOperator(Operator):
     def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
         raise NotImplementedError
 
+    def _batch_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
+        """The (batch-mean) loss of one batch, whose curvature the operator is."""
+        raise LossUnavailableError(f"{type(self).__name__} defines no loss (no _batch_loss)")
+
+    # -- the loss behind the curvature
+    def _whole_data(self, per_batch: Callable[[jax.Array, Any], jax.Array]) -> Callable:
+        """Jit ``flat -> sum_b weight_b * per_batch(flat, batch_b)`` over the data set."""
+        weights = self.dataset.weights
+
+        def total(flat_params: jax.Array, groups: tuple[Any, ...]) -> jax.Array:
+            acc = None
+            for group, weight in zip(groups, weights):
+                def body(carry: jax.Array, batch: Any) -> tuple[jax.Array, None]:
+                    return carry + per_batch(flat_params, batch), None
+
+                first = jax.tree_util.tree_map(lambda leaf: leaf[0], group)
+                zero = jnp.zeros_like(jax.eval_shape(per_batch, flat_params, first))
+                summed, _ = jax.lax.scan(body, zero, group)
+                acc = weight * summed if acc is None else acc + weight * summed
+            return acc
+
+        return jax.jit(total)
+
+    @functools.cached_property
+    def _loss_jit(self) -> Callable[..., Any]:
+        return self._whole_data(self._batch_loss)
+
+    @functools.cached_property
+    def _gradient_jit(self) -> Callable[..., Any]:
+        return self._whole_data(jax.grad(self._batch_loss))
+
+    def loss_at(self, delta: jax.Array) -> float:
+        """The whole-data-set loss at ``theta + delta`` (batches weighted as in the products).
+
+        Parameters
+        ----------
+        delta : jax.Array, shape (n,)
+            The shift, in the flat order of ``op.layout`` (``ravel_pytree``).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from jax_backend import hessian
+        >>> x = np.ones((4, 2), np.float32)
+        >>> op = hessian(lambda w, b: jnp.mean((b @ w) ** 2), jnp.ones(2), x)
+        >>> op.loss_at(jnp.zeros(2)), op.loss_at(jnp.ones(2))
+        (4.0, 16.0)
+        """
+        shape = tuple(getattr(delta, "shape", ()))
+        if shape != (self.n,):
+            raise OperatorError(
+                f"{self._where}: loss_at expects a flat shift of shape ({self.n},) in the order "
+                f"of op.layout, got shape {shape}"
+            )
+        shifted = self.params_flat + jnp.asarray(delta, dtype=self.dtype)
+        return float(self._loss_jit(shifted, self.dataset.groups))
+
+    def gradient(self) -> jax.Array:
+        """The gradient of the whole-data-set loss at ``theta``, a flat ``(n,)`` jax vector."""
+        return self._gradient_jit(self.params_flat, self.dataset.groups)
+
     def _check_batch_function(self) -> None:
         """Trace the per-batch function abstractly on the first batch (shape checks)."""
         jax.eval_shape(self._batch_product, self.params_flat, self.dataset.first, self.params_flat)
@@ -440,6 +502,9 @@ class HessianOperator(PytreeOperator):
             raise ValueError(f"hessian: loss_fn returned dtype {out.dtype}, expected a float")
         super()._check_batch_function()
 
+    def _batch_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
+        return self._flat_loss(flat_params, batch)
+
     def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
         grad = jax.grad(self._flat_loss)
         return jax.jvp(lambda p: grad(p, batch), (flat_params,), (v,))[1]
@@ -490,6 +555,12 @@ class GGNOperator(PytreeOperator):
 
         jax.eval_shape(loss_of_params, self.params_flat)
         super()._check_batch_function()
+
+    def _batch_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
+        inputs, targets = self._split(batch)
+        outputs = self.apply_fn(self._unravel_fn(flat_params), inputs)
+        return reduce_loss(self.loss(outputs, targets), _batch_size(batch),
+                           "ggn: loss(outputs, targets)")
 
     def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
         inputs, targets = self._split(batch)
