@@ -47,13 +47,12 @@ from typing import Any
 import numpy as np
 
 from ._alignment import Alignment
-from ._array import array_namespace, dtype_name, is_float64, to_numpy
+from ._array import dtype_name
 from ._operator import ExactUnavailableError, Operator
+from ._wrappers import HostOperator
 
 __all__ = [
     "AnalysisSettings",
-    "PermutedOperator",
-    "HostOperator",
     "analyze",
     "run_analysis",
     "analyze_operator",
@@ -217,92 +216,6 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
-
-
-class PermutedOperator(Operator):
-    """An operator seen in another flat parameter order: ``P^T H P``.
-
-    ``inner`` acts on vectors in order *b*; this operator acts on vectors in order *a*, with
-    ``v_b = v_a[align.perm]`` (see :class:`~dualhess.alignment.Alignment`). The permutation
-    runs on the native arrays (no host round trip). Used to present the JAX twin's Hessian in
-    the PyTorch order so both frameworks see identical probes.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from dualhess import DenseOperator
-    >>> from dualhess import Alignment
-    >>> op = PermutedOperator(DenseOperator(np.diag([1.0, 2.0, 3.0])), Alignment([2, 0, 1]))
-    >>> op @ np.ones(3)
-    array([2., 3., 1.])
-    """
-
-    def __init__(self, inner: Operator, align: Alignment) -> None:
-        if align.n != inner.n:
-            raise ValueError(f"the alignment is for n={align.n}, the operator has n={inner.n}")
-        super().__init__(inner.shape, inner.dtype, like=inner._like, chunk_size=None,
-                         check_finite=False)
-        self.inner = inner
-        self.align = align
-        xp = array_namespace(inner._like)
-        self._perm = xp.asarray(align.perm)
-        self._inverse = xp.asarray(align.inverse)
-        self.method = getattr(inner, "method", None)
-
-    def _matmat(self, V: Any) -> Any:
-        xp = array_namespace(V)
-        out = self.inner.matmat(xp.take(V, self._perm, axis=0))
-        return xp.take(out, self._inverse, axis=0)
-
-    def _matvec(self, v: Any) -> Any:
-        xp = array_namespace(v)
-        return xp.take(self.inner.matvec(xp.take(v, self._perm, axis=0)), self._inverse, axis=0)
-
-    def exact_trace(self) -> float:
-        return self.inner.exact_trace()  # the trace does not depend on the order
-
-
-class HostOperator(Operator):
-    """An operator whose vectors live on the host as numpy arrays; products run in ``inner``.
-
-    Every product moves the block of vectors to ``inner``'s framework and device, applies
-    ``inner`` there, and brings the result back, optionally reordered by an alignment
-    (``v_b = v_a[align.perm]``, as in :class:`PermutedOperator`). The algorithms' own vector
-    work (reorthogonalisation, Rayleigh-Ritz, probes) then runs in numpy. Used for JAX, whose
-    op-by-op dispatch makes the many small vector operations of Lanczos far slower than
-    numpy, while the Hessian-vector products stay jitted on the JAX device.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from dualhess import DenseOperator
-    >>> op = HostOperator(DenseOperator(np.diag([1.0, 2.0, 3.0])))
-    >>> op @ np.ones(3)
-    array([1., 2., 3.])
-    """
-
-    def __init__(self, inner: Operator, align: Alignment | None = None) -> None:
-        if align is not None and align.n != inner.n:
-            raise ValueError(f"the alignment is for n={align.n}, the operator has n={inner.n}")
-        host_dtype = np.float64 if is_float64(inner.dtype) else np.float32
-        super().__init__(inner.shape, np.dtype(host_dtype), like=np.zeros(0, dtype=host_dtype),
-                         chunk_size=None, check_finite=False)
-        self.inner = inner
-        self.align = align
-        self.method = getattr(inner, "method", None)
-        self.layout = getattr(inner, "layout", None) if align is None else None
-
-    def _matmat(self, V: Any) -> Any:
-        if self.align is not None:
-            V = self.align.a_to_b(V)
-        out = to_numpy(self.inner.matmat(self.inner.asarray(V))).astype(self.dtype, copy=False)
-        return out if self.align is None else self.align.b_to_a(out)
-
-    def _matvec(self, v: Any) -> Any:
-        return self._matmat(v.reshape(-1, 1)).reshape(-1)
-
-    def exact_trace(self) -> float:
-        return self.inner.exact_trace()  # the trace does not depend on the order
 
 
 # ---------------------------------------------------------------------- one operator

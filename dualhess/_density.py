@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._array import default_rng
+from ._docs import fill_doc
 from ._lanczos import lanczos
 from ._results import SpectralDensity
 from ._trace import _draw_probes
@@ -74,6 +75,7 @@ def _check_grid(grid: Any) -> np.ndarray:
     return grid
 
 
+@fill_doc
 def density(
     op: Any,
     *,
@@ -122,13 +124,7 @@ def density(
         values split their weight), at some loss of accuracy.
     progress : bool
         Show a progress bar over the Lanczos steps.
-    checkpoint : str or path, optional
-        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
-        and resume from it when the same call is made again (needs an integer ``seed``); a
-        file made with other settings or another operator is refused. See
-        :mod:`dualhess.checkpoint`.
-    checkpoint_every : int, optional
-        Products between two saves.
+    %(checkpoint)s
 
     Returns
     -------

@@ -33,6 +33,7 @@ import array_api_extra as xpx
 import numpy as np
 
 from ._array import array_namespace, default_rng, device, safe_column_norms, safe_norm, to_numpy
+from ._docs import fill_doc
 from ._errors import NotConvergedWarning
 from ._operator import Operator, OperatorError
 from ._results import Eigen
@@ -71,6 +72,30 @@ def _eps(op: Operator) -> float:
     if "32" in name:
         return float(np.finfo(np.float32).eps)
     return float(np.finfo(np.float64).eps)
+
+
+def _start_columns(op: Operator, v0: Any, block: int) -> list[Any]:
+    """The columns of a start block ``v0`` as native vectors of ``op``, checked."""
+    if v0 is None:
+        return []
+    x = op.asarray(v0) if isinstance(v0, (np.ndarray, list, tuple)) else v0
+    if x.dtype != op.dtype:
+        x = op.asarray(to_numpy(x))
+    shape = tuple(x.shape)
+    if len(shape) == 1:
+        x = array_namespace(x).reshape(x, (-1, 1))
+        shape = tuple(x.shape)
+    if len(shape) != 2 or shape[0] != op.n:
+        raise ValueError(f"eigsh: v0 must have shape ({op.n},) or ({op.n}, j), got {tuple(shape)}")
+    if shape[1] > block:
+        raise ValueError(
+            f"eigsh: v0 has {shape[1]} columns but block_size={block}; pass at most "
+            "block_size start vectors"
+        )
+    host = np.asarray(to_numpy(x), dtype=np.float64)
+    if not np.all(np.isfinite(host)) or not np.all(np.any(host != 0, axis=0)):
+        raise ValueError("eigsh: v0 has a zero or non-finite column; pass a finite, nonzero start")
+    return [x[:, j] for j in range(shape[1])]
 
 
 class _Krylov:
@@ -135,6 +160,24 @@ class _Krylov:
         G[: size - 1, : size - 1] = self.G
         self.G = G
         self.expanded = np.append(self.expanded, False)
+
+    def add_vector(self, z: Any) -> bool:
+        """Append ``z`` orthonormalised against the basis; False when it adds no direction."""
+        if self.size >= self.op.n:
+            return False
+        if self.xp is None:
+            self.xp = array_namespace(z)
+        z0 = safe_norm(z, self.xp)
+        z, _ = self._orthogonalize(z)
+        norm = safe_norm(z, self.xp)
+        if not norm > 1e-3 * math.sqrt(self.eps) * z0:
+            return False
+        z = z / norm
+        if self.size:
+            z, _ = self._orthogonalize(z)
+            z = z / safe_norm(z, self.xp)
+        self._append(z)
+        return True
 
     def add_random(self) -> bool:
         """Append a random unit vector orthogonal to the basis; False when the space is full."""
@@ -247,6 +290,7 @@ class _Krylov:
         return self.V @ self.op.asarray(M)
 
 
+@fill_doc
 def eigsh(
     op: Operator,
     k: int = 6,
@@ -261,6 +305,7 @@ def eigsh(
     checkpoint: Any = None,
     checkpoint_every: int | None = None,
     block_size: int = 1,
+    v0: Any = None,
 ) -> Eigen:
     """Find ``k`` extreme eigenpairs of a symmetric operator (thick-restart Lanczos).
 
@@ -290,17 +335,16 @@ def eigsh(
     seed : int, numpy.random.Generator or None
         Randomness for the start vector (drawn in numpy float64, so numpy, torch and jax see
         the same vector).
+    v0 : array, shape (n,) or (n, j), optional
+        Start vector(s), as in :func:`scipy.sparse.linalg.eigsh`: a warm start, e.g. the
+        previous top eigenvector while the operator changes slowly (a native array of the
+        operator's framework, or numpy). The Krylov basis starts from these directions; the
+        rest of a block, and every later random direction, come from ``seed``.
     return_vectors : bool
         Return the eigenvectors (default True).
     progress : bool
         Show a progress bar over ``max_matvecs``.
-    checkpoint : str or path, optional
-        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
-        and resume from it when the same call is made again (needs an integer ``seed``); a
-        file made with other settings or another operator is refused. See
-        :mod:`dualhess.checkpoint`.
-    checkpoint_every : int, optional
-        Products between two saves.
+    %(checkpoint)s
     block_size : int
         Columns expanded per step, in one ``op.matmat`` call (block Krylov). 1 (default) is
         plain Lanczos, the fewest products. Where a batch of ``b`` products costs much less
@@ -363,7 +407,7 @@ def eigsh(
         if block_size != 1:
             settings["block_size"] = block_size
         with checkpointed(op, checkpoint, checkpoint_every, "eigsh", settings) as work:
-            return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress, block_size=block_size)
+            return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress, block_size=block_size, v0=v0)
     op = check_operator(op, "eigsh")
     n = op.n
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -414,7 +458,9 @@ def eigsh(
     keep_count = min(k + (m - k) // 2, m - b)
     start_count = op.num_matvecs
     kry = _Krylov(op, default_rng(seed), eps, capacity=m + 3 + b)
-    for _ in range(b):
+    for column in _start_columns(op, v0, b):
+        kry.add_vector(column)
+    while kry.size < b:
         kry.add_random()
 
     checking = False  # a check for missed eigenvalues is under way

@@ -16,6 +16,7 @@ import array_api_extra as xpx
 import numpy as np
 
 from ._array import array_namespace, default_rng, device, safe_vector_norm, to_numpy
+from ._docs import fill_doc
 from ._operator import Operator
 from ._results import Tridiagonal
 from ._util import check_operator, check_positive_int, progress_bar
@@ -38,6 +39,7 @@ def _start_block(op: Operator, start: Any, num_probes: int, rng: np.random.Gener
     return start
 
 
+@fill_doc
 def lanczos(
     op: Operator,
     num_steps: int,
@@ -77,13 +79,7 @@ def lanczos(
         Return the Lanczos vectors (``(n, m)``, or ``(num_probes, n, m)``).
     progress : bool
         Show a progress bar.
-    checkpoint : str or path, optional
-        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
-        and resume from it when the same call is made again (needs an integer ``seed``); a
-        file made with other settings or another operator is refused. See
-        :mod:`dualhess.checkpoint`.
-    checkpoint_every : int, optional
-        Products between two saves.
+    %(checkpoint)s
 
     Returns
     -------

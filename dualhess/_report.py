@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ._plotting import plot_report_density, plot_report_eigenvalues
+
 __all__ = [
     "SCHEMA",
     "REPORT_FILES",
@@ -277,62 +279,6 @@ def markdown_report(report: dict[str, Any], *, plots: bool = True) -> str:
     return "\n".join(out)
 
 
-# ---------------------------------------------------------------------- figures
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_density(series: Sequence[tuple[str, dict[str, Any]]], path: Path, title: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = ["-", "--", ":", "-."]
-    floor = np.inf
-    top = 0.0
-    for i, (label, dens) in enumerate(series):
-        grid = np.asarray(dens["grid"], dtype=np.float64)
-        values = np.asarray(dens["values"], dtype=np.float64)
-        positive = values[values > 0]
-        if positive.size:
-            top = max(top, float(positive.max()))
-        ax.plot(grid, np.maximum(values, 1e-300), styles[i % len(styles)], lw=1.6, label=label)
-    if top > 0:
-        floor = top * 1e-8
-        ax.set_ylim(floor, top * 2)
-    ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_eigenvalues(series: Sequence[tuple[str, dict[str, Any]]], path: Path, title: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    markers = ["o", "x", "s", "+"]
-    count = len(series)
-    for i, (label, eig) in enumerate(series):
-        values = np.asarray(eig["values"], dtype=np.float64)
-        offset = (i - (count - 1) / 2) * 0.12
-        ax.errorbar(np.arange(1, len(values) + 1) + offset, values,
-                    yerr=np.asarray(eig["residuals"], dtype=np.float64), fmt=markers[i % 4],
-                    ms=7, capsize=3, label=label, mfc="none" if i % 2 == 0 else None)
-    ax.set_xlabel("index (largest first)")
-    ax.set_ylabel("eigenvalue")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------- files
 def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = True) -> list[Path]:
     """Write ``report.json``, ``report.md`` and (unless ``plots=False``) the two PNGs.
@@ -355,9 +301,9 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = T
     if plots:
         model = report.get("model", {})
         title = f"{model.get('type', 'model')}, n = {model.get('num_params', '?')}"
-        _plot_density([(f, report["results"][f]["density"]) for f in frameworks],
+        plot_report_density([(f, report["results"][f]["density"]) for f in frameworks],
                       out / "density.png", f"Hessian eigenvalue density: {title}")
-        _plot_eigenvalues([(f, report["results"][f]["eigenvalues"]) for f in frameworks],
+        plot_report_eigenvalues([(f, report["results"][f]["eigenvalues"]) for f in frameworks],
                           out / "eigenvalues.png", f"Top eigenvalues: {title}")
         written += [out / "density.png", out / "eigenvalues.png"]
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
@@ -475,9 +421,9 @@ def compare(
         out.mkdir(parents=True, exist_ok=True)
         files = ["compare.json", "compare.md"]
         if plots:
-            _plot_density([(name_a, a["density"]), (name_b, b["density"])], out / "density.png",
+            plot_report_density([(name_a, a["density"]), (name_b, b["density"])], out / "density.png",
                           "Hessian eigenvalue density")
-            _plot_eigenvalues([(name_a, a["eigenvalues"]), (name_b, b["eigenvalues"])],
+            plot_report_eigenvalues([(name_a, a["eigenvalues"]), (name_b, b["eigenvalues"])],
                               out / "eigenvalues.png", "Top eigenvalues")
             files += ["density.png", "eigenvalues.png"]
         result["files"] = files

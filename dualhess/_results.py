@@ -181,18 +181,6 @@ class SpectralDensity(Result):
 
     def plot(self, ax: Any = None, *, log: bool = True, label: str | None = None, **kwargs: Any) -> Any:
         """Draw the density with matplotlib (log scale by default); returns the axes."""
-        import matplotlib.pyplot as plt
+        from ._plotting import plot_density
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 4))
-        values = np.maximum(self.values, 1e-300) if log else self.values
-        ax.plot(self.grid, values, label=label, **kwargs)
-        if log:
-            ax.set_yscale("log")
-            top = float(np.max(self.values)) if len(self.values) else 1.0
-            ax.set_ylim(max(top * 1e-8, 1e-300), top * 2)
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        if label is not None:
-            ax.legend()
-        return ax
+        return plot_density(self, ax, log=log, label=label, **kwargs)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._array import array_namespace, default_rng, dtype_name, safe_column_norms, to_numpy
+from ._docs import fill_doc
 from ._operator import Operator
 from ._results import TraceEstimate
 from ._util import check_operator, check_positive_int, progress_bar
@@ -208,6 +209,7 @@ def _xtrace(
     return float(np.mean(estimates)), _stderr(estimates), 2 * k, estimates
 
 
+@fill_doc
 def trace(
     op: Any,
     *,
@@ -256,13 +258,7 @@ def trace(
         Probe entries: random signs or standard normal.
     progress : bool
         Show a progress bar over the products.
-    checkpoint : str or path, optional
-        Save progress to this ``.npz`` file every ``checkpoint_every`` products (default 10)
-        and resume from it when the same call is made again (needs an integer ``seed``); a
-        file made with other settings or another operator is refused. See
-        :mod:`dualhess.checkpoint`.
-    checkpoint_every : int, optional
-        Products between two saves.
+    %(checkpoint)s
 
     Returns
     -------

@@ -3,7 +3,7 @@
 :class:`HessianMonitor` is called with the current parameter pytree once per step; every
 ``every`` steps it builds :func:`jax_backend.hessian` at those parameters on a fixed
 monitoring set and logs the top eigenvalue (restarted Lanczos, warm-started from the
-previous top eigenvector, :func:`dualhess.per_layer.top_eigenpair`) and the trace
+previous top eigenvector, :func:`dualhess.eigsh` with ``v0=``) and the trace
 (:func:`dualhess.trace`, probes from ``(seed, step)``). The history can be saved and plotted.
 It is the JAX twin of ``torch_backend.monitor.HessianMonitor``; both share the
 framework-neutral core :class:`dualhess.per_layer.SpectrumTracker`.
@@ -39,13 +39,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dualhess._per_layer import MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._docs import fill_doc
+from dualhess._tracking import MONITOR_METRICS, SpectrumTracker, TrackerViews
 
 from ._hessian import HessianOperator, hessian
 
 __all__ = ["HessianMonitor"]
 
 
+@fill_doc
 class HessianMonitor(TrackerViews):
     """Log the Hessian's top eigenvalue and trace every ``every`` steps of a JAX loop.
 
@@ -58,19 +60,7 @@ class HessianMonitor(TrackerViews):
         The fixed monitoring set.
     every : int
         Measure at steps ``0, every, 2 every, ...``.
-    metrics : sequence of {"top_eigenvalue", "trace"}
-    tol : float
-        Relative residual tolerance of the top eigenvalue (the logged value is within
-        ``tol * |lambda|`` of an eigenvalue).
-    num_steps, max_matvecs :
-        Lanczos steps per restart cycle and the product budget of one measurement.
-    trace_method, trace_matvecs :
-        See :func:`dualhess.trace`.
-    seed : int
-        Base seed; trace probes at step ``s`` come from
-        ``numpy.random.default_rng([seed, s, 1])``.
-    warm_start : bool
-        Start Lanczos from the previous top eigenvector (default True).
+    %(monitor_measurement)s
     chunk_size, dtype :
         Passed to :func:`jax_backend.hessian`.
     log_fn : callable, optional

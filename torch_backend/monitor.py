@@ -5,8 +5,8 @@ once per iteration. Every ``every`` steps it builds the Hessian operator of the 
 current parameters on a fixed monitoring set (:func:`torch_backend.hessian`), and measures
 
 * the top eigenvalue by restarted Lanczos, **warm-started from the previous top
-  eigenvector** (:func:`dualhess.per_layer.top_eigenpair`): while the Hessian changes slowly,
-  one short Lanczos cycle suffices;
+  eigenvector** (:func:`dualhess.eigsh` with ``v0=``): while the Hessian changes slowly, a
+  few products suffice;
 * the trace (:func:`dualhess.trace`) with probes drawn from ``(seed, step)``, so that the
   logged value can be reproduced exactly.
 
@@ -42,7 +42,8 @@ from typing import Any
 
 import torch
 
-from dualhess._per_layer import MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._docs import fill_doc
+from dualhess._tracking import MONITOR_METRICS, SpectrumTracker, TrackerViews
 
 from ._hessian import HessianOperator
 from ._hessian import hessian as _hessian_operator
@@ -50,6 +51,7 @@ from ._hessian import hessian as _hessian_operator
 __all__ = ["HessianMonitor"]  # + HessianMonitorCallback when Lightning is installed
 
 
+@fill_doc
 class HessianMonitor(TrackerViews):
     """Log the Hessian's top eigenvalue and trace every ``every`` training steps.
 
@@ -64,23 +66,7 @@ class HessianMonitor(TrackerViews):
         The fixed monitoring set (e.g. a held-out batch or a loader with ``shuffle=False``).
     every : int
         Measure at steps ``0, every, 2 every, ...``.
-    metrics : sequence of {"top_eigenvalue", "trace"}
-    tol : float
-        Relative residual tolerance of the top eigenvalue: the logged value is within
-        ``tol * |lambda|`` of an eigenvalue of the Hessian at that step.
-    num_steps : int
-        Lanczos steps per restart cycle.
-    max_matvecs : int, optional
-        Product budget of one eigenvalue measurement.
-    trace_method : str
-        ``"hutchinson"`` (default), ``"hutch++"`` or ``"xtrace"`` (see :func:`dualhess.trace`).
-    trace_matvecs : int
-        Products per trace estimate.
-    seed : int
-        Base seed; the trace probes at step ``s`` come from
-        ``numpy.random.default_rng([seed, s, 1])``.
-    warm_start : bool
-        Start Lanczos from the previous top eigenvector (default True).
+    %(monitor_measurement)s
     params : list of str or callable, optional
         Monitor the Hessian block of these parameters only.
     method : str
@@ -97,7 +83,7 @@ class HessianMonitor(TrackerViews):
         One record per measurement: ``step``, ``top_eigenvalue``, ``top_residual``,
         ``top_converged``, ``top_matvecs``, ``warm_started``, ``trace``, ``trace_stderr``,
         ``num_matvecs``.
-    tracker : dualhess.per_layer.SpectrumTracker
+    tracker : dualhess._tracking.SpectrumTracker
         The framework-neutral core.
     """
 

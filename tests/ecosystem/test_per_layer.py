@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dualhess import DenseOperator, ParamLayout
-from dualhess._per_layer import BlockOperator, group_by_layer, per_layer_spectra, top_eigenpair
+from dualhess import DenseOperator, ParamLayout, eigsh
+from dualhess._per_layer import group_by_layer, per_layer_spectra
+from dualhess._wrappers import BlockOperator
 
 
 def _indefinite(n: int, seed: int) -> np.ndarray:
@@ -30,21 +31,24 @@ def test_block_operator_is_the_principal_submatrix():
         BlockOperator(DenseOperator(H), ["a"])
 
 
-def test_top_eigenpair_warm_and_cold():
+def test_eigsh_warm_start_v0_and_cold():
     H = np.diag(np.linspace(-3.0, 2.0, 60))
     op = DenseOperator(H)
-    eig = top_eigenpair(op, tol=1e-10, num_steps=8, seed=0)
-    assert eig.converged[0]
-    assert abs(eig.values[0] - 2.0) <= 1e-10 * 2.0
-    # Warm start from the exact eigenvector: one short cycle.
+    cold = eigsh(op, k=1, tol=1e-10, max_basis=8, seed=0)
+    assert cold.converged[0]
+    assert abs(cold.values[0] - 2.0) <= 1e-10 * 2.0
+    # Warm start from a vector close to the top eigenvector: a few products, not a cold run.
     start = np.zeros(60)
-    start[-1] = 1.0
-    warm = top_eigenpair(op, start=start, tol=1e-10, num_steps=8)
-    assert warm.values[0] == pytest.approx(2.0, abs=1e-12) and warm.num_matvecs <= 9
+    start[-1], start[0] = 1.0, 1e-3
+    warm = eigsh(op, k=1, tol=1e-10, max_basis=8, seed=0, v0=start)
+    assert warm.converged[0] and warm.values[0] == pytest.approx(2.0, abs=1e-12)
+    assert warm.num_matvecs < cold.num_matvecs
     with pytest.raises(ValueError, match="shape"):
-        top_eigenpair(op, start=np.ones(3))
-    with pytest.raises(ValueError, match="tol"):
-        top_eigenpair(op, tol=-1.0)
+        eigsh(op, k=1, v0=np.ones(3))
+    with pytest.raises(ValueError, match="zero or non-finite"):
+        eigsh(op, k=1, v0=np.zeros(60))
+    with pytest.raises(ValueError, match="block_size"):
+        eigsh(op, k=1, v0=np.ones((60, 2)))
 
 
 def test_per_layer_on_dense_blocks_stochastic_and_exact():
