@@ -6,7 +6,9 @@ scalar (the batch mean) or per-sample values with a leading batch dimension, whi
 averaged, so optax losses such as ``optax.softmax_cross_entropy_with_integer_labels`` work
 directly. The curvature is taken with respect to the trainable parameters only (the linen
 ``params`` collection, the nnx ``nnx.Param`` state); everything else (BatchNorm statistics,
-RNG state) is held fixed, in inference mode.
+RNG state) is held fixed, in inference mode. Floating non-trainable state is cast to the
+analysis dtype (Flax keeps ``batch_stats`` in float32 whatever ``param_dtype`` is, which would
+put float32 rounding into a float64 analysis); integer and key state is kept as it is.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from ._data import path_name
+from ._data import path_name, x64_enabled
 from ._hessian import GGNOperator, HessianOperator, PytreeOperator, reduce_loss
 
 __all__ = ["from_linen", "from_nnx", "inference_kwargs"]
@@ -41,6 +45,36 @@ def inference_kwargs(fn: Callable[..., Any]) -> dict[str, Any]:
     except (TypeError, ValueError):  # pragma: no cover - builtins
         return {}
     return {name: value for name, value in _INFERENCE_FLAGS.items() if name in params}
+
+
+def _analysis_dtype(params: Any, dtype: Any) -> Any:
+    """The dtype the operator will compute in: ``dtype``, else that of the parameters."""
+    if dtype is not None:
+        try:
+            return jnp.dtype(dtype)
+        except TypeError:
+            return None  # the operator reports the bad dtype
+    leaves = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(params)
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
+    return jnp.result_type(*[leaf.dtype for leaf in leaves]) if leaves else None
+
+
+def _cast_state(state: Any, dtype: Any) -> Any:
+    """Cast every floating leaf of the non-trainable ``state`` to ``dtype`` (others kept)."""
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return state
+    if np.dtype(dtype) == np.float64 and not x64_enabled():
+        return state  # the operator refuses float64 without x64, with the fix in its message
+
+    def cast(leaf: Any) -> Any:
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(leaf, dtype=dtype)
+        return leaf
+
+    return jax.tree_util.tree_map(cast, state)
 
 
 def _build(
@@ -96,8 +130,9 @@ def from_linen(
         The model, called as ``module.apply(variables, inputs, **apply_kwargs)``.
     variables : mapping
         ``{"params": ..., "batch_stats": ..., ...}`` as returned by ``module.init``. Only
-        ``params`` is differentiated; the other collections are passed in unchanged and
-        are immutable, so BatchNorm must run on its stored statistics.
+        ``params`` is differentiated; the other collections are held fixed (immutable, so
+        BatchNorm must run on its stored statistics), their floating leaves cast to the
+        analysis dtype.
     loss : callable
         ``loss(outputs, targets)``: scalar batch mean or per-sample values (averaged).
     data : batch or iterable of batches
@@ -140,7 +175,12 @@ def from_linen(
             f"collection; got {type(variables).__name__}"
             + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else "")
         )
-    others = {key: value for key, value in variables.items() if key != "params"}
+    analysis_dtype = _analysis_dtype(variables["params"], dtype)
+    others = {
+        key: _cast_state(value, analysis_dtype)
+        for key, value in variables.items()
+        if key != "params"
+    }
     if apply_kwargs is None:
         target = module.__call__ if method is None else method
         if isinstance(target, str):
@@ -187,7 +227,8 @@ def from_nnx(
     its running statistics, Dropout off); the user's model is never changed. The clone is
     split with ``nnx.split(clone, nnx.Param, ...)``; the non-parameter state (batch
     statistics, RNG state) is held fixed, and each product runs ``nnx.merge`` of the
-    parameters with it inside the compiled function.
+    parameters with it inside the compiled function; its floating leaves are cast to the
+    analysis dtype (nnx ``BatchNorm`` keeps its statistics in float32).
 
     Parameters
     ----------
@@ -227,6 +268,7 @@ def from_nnx(
     clone.eval()
     graphdef, param_state, rest = nnx.split(clone, nnx.Param, ...)
     pure = nnx.to_pure_dict(param_state)
+    rest = _cast_state(rest, _analysis_dtype(pure, dtype))
     state_paths, state_def = jax.tree_util.tree_flatten_with_path(param_state)
     pure_paths = jax.tree_util.tree_flatten_with_path(pure)[0]
     state_names = [path_name(p).removesuffix("/value") for p, _ in state_paths]

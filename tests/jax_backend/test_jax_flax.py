@@ -189,3 +189,82 @@ def test_ggn_on_pytree_matches_dense_jt_hl_j(digits_image, nnx_cnn):
     # the nnx adapter gives the same GGN
     op_nnx = from_nnx(model, cross_entropy, (x, y), curvature="ggn")
     assert relative_error(op_nnx.matvec(op_nnx.asarray(V[:, 0])), dense @ V[:, 0]) <= 1e-10
+
+
+# ---------------------------------------------------------------------- issue 13, point 2
+def _float32_stats(features, seed=0):
+    """Non-trivial BatchNorm statistics as Flax stores them: float32, whatever param_dtype."""
+    rng = np.random.default_rng(seed)
+    mean = jnp.asarray(rng.standard_normal(features), dtype=jnp.float32)
+    var = jnp.asarray(rng.uniform(0.5, 2.0, features), dtype=jnp.float32)
+    return mean, var
+
+
+def _tiny_batch(seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((12, 3)), rng.integers(0, 3, 12)
+
+
+def test_linen_float32_batch_stats_follow_a_float64_analysis():
+    """Dense -> BatchNorm(use_running_average=True) -> tanh -> Dense against jax.hessian with
+    float64 statistics: float32 stats used as stored gave 4e-8 (float32 rounding of var + eps)."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(4, param_dtype=F64)(x)
+            h = nn.BatchNorm(use_running_average=True, param_dtype=F64)(h)
+            return nn.Dense(3, param_dtype=F64)(jnp.tanh(h))
+
+    x, y = _tiny_batch()
+    module = Net()
+    variables = module.init(jax.random.key(0), x)
+    mean, var = _float32_stats(4)
+    variables = {
+        "params": variables["params"],
+        "batch_stats": {"BatchNorm_0": {"mean": mean, "var": var}},
+    }
+    stats64 = {"mean": mean.astype(F64), "var": var.astype(F64)}
+    forward = mlp_forward("Dense_0", "Dense_1", norm="BatchNorm_0", stats=stats64)
+    flat, dense = reference_hessian(forward, variables["params"], x, y)
+    op = from_linen(module, variables, cross_entropy, (x, y))
+    assert op.dtype == F64
+    assert relative_error(op.to_dense(), dense) <= 1e-12
+    assert variables["batch_stats"]["BatchNorm_0"]["mean"].dtype == jnp.float32  # not changed
+
+
+def test_nnx_float32_batch_stats_follow_a_float64_analysis():
+    """nnx: BatchNorm's own float32 statistics and a custom float32 nnx.BatchStat (a running
+    scale used as ``1 / sqrt(s + eps)``, which without the cast rounds in float32: 1e-8)."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.linear1 = nnx.Linear(3, 4, param_dtype=F64, rngs=rngs)
+            self.norm = nnx.BatchNorm(4, use_running_average=True, param_dtype=F64, rngs=rngs)
+            self.linear2 = nnx.Linear(4, 3, param_dtype=F64, rngs=rngs)
+            self.running = nnx.BatchStat(jnp.asarray([0.3, 1.7, 0.9, 1.1], dtype=jnp.float32))
+
+        def __call__(self, x):
+            h = self.norm(self.linear1(x)) / jnp.sqrt(self.running.value + BN_EPS)
+            return self.linear2(jnp.tanh(h))
+
+    x, y = _tiny_batch()
+    model = Net(nnx.Rngs(0))
+    mean, var = _float32_stats(4)
+    model.norm.mean.value, model.norm.var.value = mean, var
+    running = model.running.value.astype(F64)
+    stats64 = {"mean": mean.astype(F64), "var": var.astype(F64)}
+
+    def forward(p, inputs):
+        h = dense_layer(p["linear1"], inputs)
+        h = (h - stats64["mean"]) / jnp.sqrt(stats64["var"] + BN_EPS)
+        h = (h * p["norm"]["scale"] + p["norm"]["bias"]) / jnp.sqrt(running + BN_EPS)
+        return dense_layer(p["linear2"], jnp.tanh(h))
+
+    flat, dense = reference_hessian(forward, pure_params(model), x, y)
+    op = from_nnx(model, cross_entropy, (x, y))
+    assert op.dtype == F64
+    assert relative_error(op.to_dense(), dense) <= 1e-12
+    assert model.norm.mean.value.dtype == jnp.float32  # the user's model is not changed
+    assert model.running.value.dtype == jnp.float32
