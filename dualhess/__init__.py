@@ -24,10 +24,12 @@ from ._errors import (
     BackendUnavailableError,
     CheckpointMismatchError,
     DualhessError,
+    LossUnavailableError,
     NotConvergedWarning,
     UnsupportedOpError,
 )
 from ._lanczos import lanczos
+from ._landscape import LossLandscape, QuadraticLoss, loss_landscape
 from ._operator import (
     DenseOperator,
     ExactUnavailableError,
@@ -36,6 +38,7 @@ from ._operator import (
     ParamEntry,
     ParamLayout,
 )
+from ._overlap import GradientOverlap, gradient_overlap
 from ._per_layer import PerLayerSpectra, per_layer_spectra
 from ._power import power_iteration
 from ._results import DiagonalEstimate, Eigen, SpectralDensity, TraceEstimate, Tridiagonal
@@ -61,6 +64,10 @@ __all__ = [
     "diagonal",
     "density",
     "per_layer_spectra",
+    # analyses
+    "loss_landscape",
+    "gradient_overlap",
+    "QuadraticLoss",
     # cross-framework
     "crosscheck",
     "crosscheck_model",
@@ -75,7 +82,10 @@ __all__ = [
     "SpectralDensity",
     "CrosscheckReport",
     "PerLayerSpectra",
+    "LossLandscape",
+    "GradientOverlap",
     "DualhessError",
+    "LossUnavailableError",
     "BackendUnavailableError",
     "UnsupportedOpError",
     "CheckpointMismatchError",
