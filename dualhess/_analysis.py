@@ -154,7 +154,7 @@ def resolve_params(spec: str | None, names: Sequence[str]) -> list[str] | None:
     """Turn ``--params`` into the list of parameter names it selects, in layout order.
 
     Each comma-separated token selects the parameter of that exact name, or else every
-    parameter whose name starts with it (a prefix such as ``conv1`` or ``params/Dense_0``).
+    parameter whose name starts with it (a prefix such as ``conv1`` or ``params.Dense_0``).
 
     Examples
     --------

@@ -34,7 +34,13 @@ def x64_enabled() -> bool:
 
 
 def path_name(path: tuple[Any, ...]) -> str:
-    """A ``'/'``-joined name for a pytree key path: ``('params', 'Dense_0', 'kernel')``."""
+    """A ``'.'``-joined name for a pytree key path: ``('params', 'Dense_0', 'kernel')`` ->
+    ``"params.Dense_0.kernel"``.
+
+    The separator is the one PyTorch's ``named_parameters()`` uses, so layer grouping
+    (:func:`dualhess._per_layer.group_by_layer`: the name without its last component) sees
+    the same structure for torch, linen and nnx models.
+    """
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -43,7 +49,7 @@ def path_name(path: tuple[Any, ...]) -> str:
                 break
         else:
             parts.append(str(key))
-    return "/".join(parts) if parts else "<root>"
+    return ".".join(parts) if parts else "<root>"
 
 
 def is_single_batch(data: Any) -> bool:
