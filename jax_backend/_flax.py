@@ -87,13 +87,14 @@ def _build(
     dtype: Any,
     prefix: str,
     where: str,
+    check_deterministic: bool = True,
 ) -> PytreeOperator:
     if not callable(loss):
         raise TypeError(f"{where}: loss must be callable loss(outputs, targets)")
+    options = {"chunk_size": chunk_size, "dtype": dtype, "prefix": prefix}
+    options["check_deterministic"] = check_deterministic
     if curvature == "ggn":
-        return GGNOperator(
-            apply_fn, loss, params, data, chunk_size=chunk_size, dtype=dtype, prefix=prefix
-        )
+        return GGNOperator(apply_fn, loss, params, data, **options)
     if curvature != "hessian":
         raise ValueError(f"{where}: curvature must be 'hessian' or 'ggn', got {curvature!r}")
 
@@ -107,7 +108,7 @@ def _build(
         size = jax.tree_util.tree_leaves(batch)[0].shape[0]
         return reduce_loss(loss(apply_fn(p, inputs), targets), size, f"{where}: loss")
 
-    return HessianOperator(loss_fn, params, data, chunk_size=chunk_size, dtype=dtype, prefix=prefix)
+    return HessianOperator(loss_fn, params, data, **options)
 
 
 def from_linen(
@@ -121,6 +122,7 @@ def from_linen(
     method: Any = None,
     chunk_size: int | None = None,
     dtype: Any = None,
+    check_deterministic: bool = True,
 ) -> PytreeOperator:
     """Curvature of a Flax linen module with respect to its ``params`` collection.
 
@@ -148,6 +150,9 @@ def from_linen(
         The module method to apply (default ``__call__``).
     chunk_size, dtype
         As in :func:`jax_backend.hessian`.
+    check_deterministic : bool
+        Refuse a module that draws random numbers in the loss (e.g. ``rngs=`` in
+        ``apply_kwargs`` with Dropout on), as in :func:`jax_backend.hessian`.
 
     Returns
     -------
@@ -203,6 +208,7 @@ def from_linen(
             dtype,
             "params/",
             "from_linen",
+            check_deterministic,
         )
     except (flax.errors.ModifyScopeVariableError, flax.errors.InvalidRngError) as err:
         raise ValueError(
@@ -220,6 +226,7 @@ def from_nnx(
     curvature: str = "hessian",
     chunk_size: int | None = None,
     dtype: Any = None,
+    check_deterministic: bool = True,
 ) -> PytreeOperator:
     """Curvature of a Flax nnx model with respect to its ``nnx.Param`` state.
 
@@ -242,6 +249,12 @@ def from_nnx(
         The Hessian of the loss, or the generalised Gauss-Newton matrix.
     chunk_size, dtype
         As in :func:`jax_backend.hessian`.
+    check_deterministic : bool
+        Refuse a model whose evaluation-mode forward draws random numbers from a fixed key
+        (default True): every product would repeat one draw; ``False`` analyses that fixed
+        draw. A model that advances its ``nnx.Rngs`` in ``__call__`` (noise from
+        ``self.rngs``, Dropout forced to ``deterministic=False``) is always refused: it is
+        not a function of its parameters.
 
     Returns
     -------
@@ -260,6 +273,7 @@ def from_nnx(
     >>> op.n, op.layout.names
     (9, ['bias', 'kernel'])
     """
+    import flax
     from flax import nnx
 
     if not isinstance(model, nnx.Module):
@@ -283,4 +297,24 @@ def from_nnx(
         state = jax.tree_util.tree_unflatten(state_def, jax.tree_util.tree_leaves(params))
         return nnx.merge(graphdef, state, rest)(inputs)
 
-    return _build(curvature, apply_fn, loss, pure, data, chunk_size, dtype, "", "from_nnx")
+    try:
+        return _build(
+            curvature,
+            apply_fn,
+            loss,
+            pure,
+            data,
+            chunk_size,
+            dtype,
+            "",
+            "from_nnx",
+            check_deterministic,
+        )
+    except flax.errors.TraceContextError as err:
+        raise ValueError(
+            "from_nnx: the model draws random numbers in __call__ even in evaluation mode (it "
+            "advances its nnx.Rngs state: noise from self.rngs, Dropout built with "
+            "deterministic=False, stochastic depth), so it is not a fixed function of its "
+            "parameters. Make that randomness switchable (honour .eval() / a deterministic "
+            f"flag) for the analysis. Flax said: {str(err).splitlines()[0]}"
+        ) from err

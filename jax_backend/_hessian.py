@@ -159,6 +159,21 @@ def _free_device_memory() -> int:
     return 2**31  # pragma: no cover
 
 
+def _count_random_draws(jaxpr: Any) -> int:
+    """How many ``random_bits`` (the primitive every jax.random sampler uses) a jaxpr runs,
+    sub-jaxprs (jit, scan, cond, custom derivatives) included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "random_bits":
+            count += 1
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    count += _count_random_draws(inner)
+    return count
+
+
 # ---------------------------------------------------------------------- operator
 class PytreeOperator(Operator):
     """A curvature operator on the flattened parameters of a pytree, fixed on its data.
@@ -189,6 +204,7 @@ class PytreeOperator(Operator):
         dtype: Any,
         where: str,
         prefix: str = "",
+        check_deterministic: bool = True,
     ) -> None:
         auto_chunk = chunk_size == "auto"
         chunk_size = None if auto_chunk else chunk_size
@@ -203,6 +219,9 @@ class PytreeOperator(Operator):
         self.layout = layout
         self.num_traces = 0
         self._check_batch_function()
+        self._check_finite_loss()
+        if check_deterministic:
+            self._check_no_random_draws()
 
         weights = self.dataset.weights
         product = self._batch_product
@@ -332,6 +351,50 @@ class PytreeOperator(Operator):
     def gradient(self) -> jax.Array:
         """The gradient of the whole-data-set loss at ``theta``, a flat ``(n,)`` jax vector."""
         return self._gradient_jit(self.params_flat, self.dataset.groups)
+
+    def _check_finite_loss(self) -> None:
+        """Evaluate the whole-data-set loss once and refuse NaN/Inf (as the torch backend).
+
+        Products can be finite where the loss is not (the derivatives of ``log(loss - c)``
+        at a negative argument are finite numbers), so the value itself is checked. It is
+        kept as ``op.loss_value``.
+        """
+        try:
+            value = float(self._loss_jit(self.params_flat, self.dataset.groups))
+        except LossUnavailableError:
+            return
+        if not np.isfinite(value):
+            raise ValueError(
+                f"{self._where}: the loss is {value} on the data: check the parameters and data "
+                "for NaN/Inf and the loss for log(0) or overflow"
+            )
+        self.loss_value = value
+
+    def _check_no_random_draws(self) -> None:
+        """Refuse a loss whose trace draws random numbers (``random_bits``), e.g. Dropout.
+
+        JAX functions are pure, so a loss with a fixed PRNG key repeats the same draw in
+        every product: the operator is fixed, but it is the curvature of one random sample
+        of the loss, rarely what was meant. One abstract trace of the first batch's loss
+        (``jax.make_jaxpr``, no computation) finds it.
+        """
+        try:
+            closed = jax.make_jaxpr(self._batch_loss)(self.params_flat, self.dataset.first)
+        except LossUnavailableError:
+            closed = jax.make_jaxpr(self._batch_product)(
+                self.params_flat, self.dataset.first, self.params_flat
+            )
+        draws = _count_random_draws(closed.jaxpr)
+        if draws:
+            raise ValueError(
+                f"{self._where}: the loss draws random numbers ({draws} jax.random sampling "
+                "op(s) in its trace), so the curvature is that of one fixed random draw. "
+                "Likely causes: Dropout or stochastic depth with deterministic=False, an nnx "
+                "module calling its Rngs in __call__, rngs= passed to a linen apply, or a loss "
+                "that reads a PRNG key. Run the model in inference mode (deterministic=True, "
+                "train=False, model.eval()), or pass check_deterministic=False to analyse "
+                "the loss with that one draw held fixed."
+            )
 
     def _check_batch_function(self) -> None:
         """Trace the per-batch function abstractly on the first batch (shape checks)."""
@@ -474,12 +537,19 @@ class HessianOperator(PytreeOperator):
         chunk_size: int | None = None,
         dtype: Any = None,
         prefix: str = "",
+        check_deterministic: bool = True,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"hessian: loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         super().__init__(
-            params, data, chunk_size=chunk_size, dtype=dtype, where="hessian", prefix=prefix
+            params,
+            data,
+            chunk_size=chunk_size,
+            dtype=dtype,
+            where="hessian",
+            prefix=prefix,
+            check_deterministic=check_deterministic,
         )
 
     def _flat_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
@@ -527,13 +597,20 @@ class GGNOperator(PytreeOperator):
         chunk_size: int | None = None,
         dtype: Any = None,
         prefix: str = "",
+        check_deterministic: bool = True,
     ) -> None:
         if not callable(apply_fn) or not callable(loss):
             raise TypeError("ggn: apply_fn and loss must be callable")
         self.apply_fn = apply_fn
         self.loss = loss
         super().__init__(
-            params, data, chunk_size=chunk_size, dtype=dtype, where="ggn", prefix=prefix
+            params,
+            data,
+            chunk_size=chunk_size,
+            dtype=dtype,
+            where="ggn",
+            prefix=prefix,
+            check_deterministic=check_deterministic,
         )
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
@@ -588,6 +665,7 @@ def hessian(
     chunk_size: int | None = None,
     dtype: Any = None,
     devices: Any = None,
+    check_deterministic: bool = True,
 ) -> HessianOperator:
     """The Hessian of a loss over a data set, as a :class:`dualhess.Operator` on jax vectors.
 
@@ -615,6 +693,10 @@ def hessian(
     devices : list of jax devices, optional
         Shard the batches over these devices (data parallel); see
         :meth:`PytreeOperator.shard`.
+    check_deterministic : bool
+        Refuse a loss whose trace draws random numbers (default True): with a fixed PRNG
+        key (Dropout, noise) every product repeats one draw. One abstract trace, no
+        computation. ``False`` analyses the loss with that draw held fixed.
 
     Returns
     -------
@@ -628,7 +710,8 @@ def hessian(
     Raises
     ------
     ValueError
-        Non-scalar loss, NaN/Inf in parameters or data, batches of different structure.
+        Non-scalar loss, NaN/Inf in parameters, data or the loss, batches of different
+        structure, random draws in the loss.
     TypeError
         Non-floating parameters, float64 without ``jax_enable_x64``.
 
@@ -651,7 +734,14 @@ def hessian(
     >>> np.asarray(op.to_dense(), dtype=np.float64).round(3).tolist()  # 2 mean([1, x; x, x^2])
     [[2.0, 0.0], [0.0, 0.857]]
     """
-    op = HessianOperator(loss_fn, params, data, chunk_size=chunk_size, dtype=dtype)
+    op = HessianOperator(
+        loss_fn,
+        params,
+        data,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        check_deterministic=check_deterministic,
+    )
     return op if devices is None else op.shard(devices)
 
 
@@ -664,6 +754,7 @@ def ggn(
     chunk_size: int | None = None,
     dtype: Any = None,
     devices: Any = None,
+    check_deterministic: bool = True,
 ) -> GGNOperator:
     """The generalised Gauss-Newton matrix ``G = J^T H_L J`` over a data set.
 
@@ -684,7 +775,7 @@ def ggn(
         The parameters.
     data : batch or iterable of batches
         Every batch is a pair ``(inputs, targets)``; weighting as in :func:`hessian`.
-    chunk_size, dtype
+    chunk_size, dtype, devices, check_deterministic
         As in :func:`hessian`.
 
     References
@@ -705,7 +796,15 @@ def ggn(
     >>> bool(jnp.linalg.eigvalsh(op.to_dense()).min() > -1e-6)  # PSD
     True
     """
-    op = GGNOperator(apply_fn, loss, params, data, chunk_size=chunk_size, dtype=dtype)
+    op = GGNOperator(
+        apply_fn,
+        loss,
+        params,
+        data,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        check_deterministic=check_deterministic,
+    )
     return op if devices is None else op.shard(devices)
 
 

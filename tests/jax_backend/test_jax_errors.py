@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,3 +135,72 @@ def test_float64_without_x64_is_an_error_never_silent_float32():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["refused", "refused", "float32"]
+
+
+def test_nan_loss_is_refused_at_construction(setup):
+    """Issue 13, point 3: log(loss - 1e9) is NaN on the data; eigsh returned -3.5e-10."""
+    params, x, y = setup
+
+    def bad_loss(p, batch):
+        return jnp.log(linear_loss(p, batch) - 1e9)
+
+    with pytest.raises(ValueError, match="hessian: the loss is nan on the data"):
+        hessian(bad_loss, params, (x, y))
+    with pytest.raises(ValueError, match="ggn: the loss is nan on the data"):
+        ggn(
+            lambda p, inputs: inputs @ p["w"], lambda o, t: jnp.log(-jnp.mean(o**2)), params, (x, y)
+        )
+
+
+def test_inf_loss_is_refused_at_construction(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match="the loss is inf on the data"):
+        hessian(lambda p, b: -jnp.log(0.0 * linear_loss(p, b)), params, (x, y))
+
+
+def _noisy_loss(params, batch):
+    x, y = batch
+    noise = jax.random.normal(jax.random.key(0), y.shape)  # a fixed key: one fixed draw
+    return jnp.mean((x @ params["w"] + 0.1 * noise - y) ** 2)
+
+
+def test_loss_with_a_prng_key_is_refused_unless_asked(setup):
+    """Issue 13, point 5 (JAX): a loss that draws random numbers is one random draw."""
+    params, x, y = setup
+    with pytest.raises(ValueError, match="draws random numbers.*check_deterministic=False"):
+        hessian(_noisy_loss, params, (x, y))
+    op = hessian(_noisy_loss, params, (x, y), check_deterministic=False)
+    assert op.n == 3
+
+
+def test_linen_dropout_with_rngs_is_refused(setup):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(x))
+
+    _, x, _ = setup
+    y = np.arange(12) % 2
+    variables = Net().init(jax.random.key(0), x)
+    kwargs = {"train": True, "rngs": {"dropout": jax.random.key(1)}}
+    with pytest.raises(ValueError, match="draws random numbers"):
+        from_linen(Net(), variables, cross_entropy, (x, y), apply_kwargs=kwargs)
+
+
+def test_nnx_model_drawing_noise_in_call_is_refused(setup):
+    from flax import nnx
+
+    class Noisy(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 2, rngs=rngs)
+            self.rngs = rngs
+
+        def __call__(self, x):
+            return self.linear(x + 0.1 * jax.random.normal(self.rngs.noise(), x.shape))
+
+    _, x, _ = setup
+    y = np.arange(12) % 2
+    with pytest.raises(ValueError, match="from_nnx: the model draws random numbers in __call__"):
+        from_nnx(Noisy(nnx.Rngs(0, noise=1)), cross_entropy, (x, y))
