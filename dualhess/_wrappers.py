@@ -73,6 +73,14 @@ class PermutedOperator(Operator):
     def exact_trace(self) -> float:
         return self.inner.exact_trace()  # the trace does not depend on the order
 
+    # the loss behind the operator, in this order (loss landscapes, gradient overlaps)
+    def loss_at(self, delta: Any) -> float:
+        return self.inner.loss_at(array_namespace(delta).take(delta, self._perm, axis=0))
+
+    def gradient(self) -> Any:
+        g = self.inner.gradient()
+        return array_namespace(g).take(g, self._inverse, axis=0)
+
 
 class HostOperator(Operator):
     """An operator whose vectors live on the host as numpy arrays; products run in ``inner``.
@@ -117,6 +125,28 @@ class HostOperator(Operator):
 
     def exact_trace(self) -> float:
         return self.inner.exact_trace()  # the trace does not depend on the order
+
+    # the loss behind the operator, on host vectors in this order
+    def _to_host(self, x: Any) -> np.ndarray:
+        out = to_numpy(x).astype(self.dtype, copy=False)
+        return out if self.align is None else self.align.b_to_a(out)
+
+    def loss_at(self, delta: Any) -> float:
+        delta = np.asarray(delta)
+        if self.align is not None:
+            delta = self.align.a_to_b(delta)
+        return self.inner.loss_at(self.inner.asarray(delta))
+
+    def gradient(self) -> np.ndarray:
+        return self._to_host(self.inner.gradient())
+
+    @property
+    def params_flat(self) -> np.ndarray:
+        """The inner operator's parameters (where it exposes them), on the host, in this order."""
+        inner = getattr(self.inner, "params_flat", None)
+        if inner is None:
+            raise AttributeError(f"{type(self.inner).__name__} exposes no params_flat")
+        return self._to_host(inner)
 
 
 class BlockOperator(Operator):
@@ -182,3 +212,19 @@ class BlockOperator(Operator):
         diag = self.parent.exact_diagonal()
         xp = array_namespace(diag)
         return xp.concat([diag[e.start : e.stop] for e in self.entries])
+
+    # the loss along the block's parameters, the others fixed
+    def loss_at(self, delta: Any) -> float:
+        xp = array_namespace(delta)
+        pieces = []
+        for entry in self.parent.layout:
+            if entry.name in self._chosen:
+                own = self.layout[entry.name]
+                pieces.append(delta[own.start : own.stop])
+            else:
+                pieces.append(xp.zeros((entry.size,), dtype=delta.dtype, device=device(delta)))
+        return self.parent.loss_at(xp.concat(pieces))
+
+    def gradient(self) -> Any:
+        g = self.parent.gradient()
+        return array_namespace(g).concat([g[e.start : e.stop] for e in self.entries])

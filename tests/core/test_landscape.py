@@ -13,11 +13,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_symmetric
 
 import dualhess
 from dualhess import LossUnavailableError, ParamLayout, QuadraticLoss, loss_landscape
-
-from conftest import make_symmetric
 
 
 def quadratic(seed: int = 0) -> tuple[QuadraticLoss, np.ndarray, np.ndarray]:
@@ -187,3 +186,19 @@ def test_jax_slices_against_direct_loss_evaluations():
         op.layout, np.asarray(op.params_flat), np.random.default_rng(2), filter_axis=-1)
     shifted = op.unravel(op.params_flat + jnp.asarray(0.5 * d))
     assert rand.values[2] == pytest.approx(float(loss_fn(shifted, (X, y))), rel=1e-12)
+
+
+def test_wrappers_forward_the_loss_in_their_order():
+    from dualhess._wrappers import BlockOperator, HostOperator, PermutedOperator
+
+    op, _, _ = quadratic(3)
+    align = dualhess.Alignment([4, 2, 0, 1, 5, 3])  # v_b = v_a[perm]
+    delta = np.linspace(-1.0, 1.0, 6)
+    for wrapped in (HostOperator(op, align), PermutedOperator(op, align)):
+        assert wrapped.loss_at(delta) == pytest.approx(op.loss_at(delta[align.perm]), rel=1e-15)
+        assert np.allclose(np.asarray(wrapped.gradient())[align.perm], op.gradient(), rtol=1e-15)
+    assert np.allclose(HostOperator(op, align).params_flat[align.perm], op.params_flat)
+    block = BlockOperator(op, ["b"])
+    assert block.loss_at(np.array([0.5, -1.0])) == pytest.approx(
+        op.loss_at(np.array([0.0, 0.0, 0.0, 0.0, 0.5, -1.0])), rel=1e-15)
+    assert np.allclose(block.gradient(), op.gradient()[4:], rtol=1e-15)
