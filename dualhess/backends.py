@@ -135,13 +135,15 @@ def backend_for(model: Any) -> Backend:
     )
 
 
-def hessian(model: Any, loss_fn: Any, data: Any, **options: Any) -> Operator:
+def hessian(model: Any, loss_fn: Any = None, data: Any = None, **options: Any) -> Operator:
     """The Hessian operator of ``loss_fn(model(inputs), targets)`` over ``data``.
 
     Dispatches on the model's framework: a torch ``nn.Module`` goes to
     ``torch_backend.hessian``, a Flax ``nnx.Module`` to ``jax_backend.from_nnx``, a linen
     ``(module, variables)`` pair to ``jax_backend.from_linen``. ``options`` are passed on
-    (``dtype``, ``chunk_size``, ``method``, ``params``, ...).
+    (``dtype``, ``chunk_size``, ``method``, ``params``, ...). With torch,
+    ``dualhess.hessian(model, data=batches, closure=fn)`` takes any loss
+    ``fn(model, batch) -> scalar`` instead of ``loss_fn`` (``docs/losses.md``).
 
     Examples
     --------

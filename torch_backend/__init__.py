@@ -18,6 +18,7 @@ from __future__ import annotations
 from ._backpack import exact_diagonal, exact_trace
 from ._curvature import FisherOperator, GGNOperator, fisher, ggn
 from ._hessian import HessianOperator, TorchCurvatureOperator, hessian
+from ._input import InputHessianOperator, input_hessian
 from .monitor import HessianMonitor
 
 __all__ = [
@@ -31,4 +32,6 @@ __all__ = [
     "GGNOperator",
     "FisherOperator",
     "TorchCurvatureOperator",
+    "input_hessian",
+    "InputHessianOperator",
 ]

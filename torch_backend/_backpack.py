@@ -22,7 +22,7 @@ import torch
 
 import dualhess
 
-from ._data import Problem
+from ._data import Objective
 
 __all__ = ["exact_diagonal", "exact_trace", "backpack_diagonal"]
 
@@ -55,7 +55,7 @@ def _unsupported(module: torch.nn.Module, mapping: dict) -> list[str]:
 
 
 def backpack_diagonal(
-    problem: Problem, layout: dualhess.ParamLayout, curvature: str
+    objective: Objective, layout: dualhess.ParamLayout, curvature: str
 ) -> torch.Tensor:
     """The exact diagonal of the whole-data-set Hessian or GGN for ``layout``'s parameters."""
     try:
@@ -65,19 +65,25 @@ def backpack_diagonal(
         raise _unavailable("backpack-for-pytorch is not installed") from err
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
-    if type(problem.loss_fn).__name__ not in _LOSSES or not isinstance(
-        problem.loss_fn, torch.nn.Module
+    if objective.is_closure:
+        raise _unavailable(
+            "the loss is a closure(model, batch); BackPACK needs loss_fn(outputs, targets) "
+            "with a torch.nn loss module"
+        )
+    if type(objective.loss_fn).__name__ not in _LOSSES or not isinstance(
+        objective.loss_fn, torch.nn.Module
     ):
         raise _unavailable(
             f"the loss must be one of torch.nn.{', torch.nn.'.join(_LOSSES)}, got "
-            f"{type(problem.loss_fn).__name__}"
+            f"{type(objective.loss_fn).__name__}"
         )
     extension = DiagHessian() if curvature == "hessian" else DiagGGNExact()
     field = "diag_h" if curvature == "hessian" else "diag_ggn_exact"
     mapping = extension._BackpropExtension__module_extensions  # BackPACK's layer table
 
-    model = copy.deepcopy(problem.model)
-    loss_fn = copy.deepcopy(problem.loss_fn)
+    model = copy.deepcopy(objective.model)
+    loss_fn = copy.deepcopy(objective.loss_fn)
+    dataset = objective.dataset
     names_by_ptr = {p.data_ptr(): n for n, p in model.named_parameters()}
     wanted = set(layout.names)
     for n, p in model.named_parameters():
@@ -101,23 +107,23 @@ def backpack_diagonal(
     loss_fn = bp.extend(loss_fn)
 
     diag = {
-        n: torch.zeros(layout[n].shape, dtype=problem.dtype, device=problem.device)
+        n: torch.zeros(layout[n].shape, dtype=dataset.dtype, device=dataset.device)
         for n in layout.names
     }
     default_dtype = torch.get_default_dtype()
     try:
         # BackPACK builds some helper tensors (conv unfolding) in the default dtype
-        torch.set_default_dtype(problem.dtype)
+        torch.set_default_dtype(dataset.dtype)
         with warnings.catch_warnings():  # BackPACK's hooks on the first layer (inputs w/o grad)
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            _accumulate(bp, extension, field, model, loss_fn, problem, names_by_ptr, wanted, diag)
+            _accumulate(bp, extension, field, model, loss_fn, dataset, names_by_ptr, wanted, diag)
     finally:
         torch.set_default_dtype(default_dtype)
     return layout.join(diag)
 
 
-def _accumulate(bp, extension, field, model, loss_fn, problem, names_by_ptr, wanted, diag):
-    for weight, (inputs, targets) in problem.batches():
+def _accumulate(bp, extension, field, model, loss_fn, dataset, names_by_ptr, wanted, diag):
+    for weight, (inputs, targets) in dataset.batches():
         model.zero_grad(set_to_none=True)
         try:
             with torch.enable_grad():
@@ -184,19 +190,11 @@ def exact_diagonal(
     >>> exact_diagonal(model, torch.nn.CrossEntropyLoss(), (X, y)).shape
     torch.Size([8])
     """
-    from ._hessian import build_problem
+    from ._hessian import BuildOptions, build_objective
 
-    problem, layout, _, _ = build_problem(
-        model,
-        loss_fn,
-        data,
-        params=params,
-        dtype=dtype,
-        device=device,
-        reduction=None,
-        check_deterministic=False,
-    )
-    return backpack_diagonal(problem, layout, curvature)
+    options = BuildOptions(params=params, dtype=dtype, device=device, check_deterministic=False)
+    objective, layout, _, _ = build_objective(model, loss_fn, data, options, where="exact_diagonal")
+    return backpack_diagonal(objective, layout, curvature)
 
 
 def exact_trace(

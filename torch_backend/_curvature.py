@@ -37,8 +37,7 @@ from torch.utils._pytree import tree_map
 
 from ._data import Batch
 from ._engines import columns_to_dict, dict_to_columns
-from ._hessian import TorchCurvatureOperator, build_problem
-from ._memory import resolve_auto_chunk
+from ._hessian import BuildOptions, TorchCurvatureOperator, build_operator
 from ._params import ParamSpec
 
 __all__ = ["ggn", "fisher", "GGNOperator", "FisherOperator"]
@@ -52,13 +51,13 @@ class GGNOperator(TorchCurvatureOperator):
 
     def _batch(self, batch: Batch, tangents: dict[str, torch.Tensor], vectorised: bool):
         inputs, targets = batch
-        fixed, problem = self.fixed, self.problem
+        fixed, objective = self.fixed, self.objective
 
         def out_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return problem.call({**fixed, **p}, inputs)
+            return objective.call({**fixed, **p}, inputs)
 
         def loss_of_outputs(out: torch.Tensor) -> torch.Tensor:
-            return problem.loss_fn(out, targets)
+            return objective.loss_fn(out, targets)
 
         outputs, vjp_fn = torch.func.vjp(out_fn, self.selected)
         # H_L u by reverse-over-reverse (H_L is symmetric); forward-over-reverse hits
@@ -79,7 +78,7 @@ class GGNOperator(TorchCurvatureOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         tangents = self.layout.split(v)
         out = torch.zeros_like(v)
-        for weight, batch in self.problem.batches():
+        for weight, batch in self.dataset.batches():
             g = self._batch(batch, tangents, vectorised=False)
             out += weight * torch.cat([g[e.name].reshape(-1) for e in self.layout])
         return out
@@ -87,7 +86,7 @@ class GGNOperator(TorchCurvatureOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         tangents = columns_to_dict(self.layout, V)
         out = torch.zeros_like(V)
-        for weight, batch in self.problem.batches():
+        for weight, batch in self.dataset.batches():
             g = self._batch(batch, tangents, vectorised=True)
             out += weight * dict_to_columns(self.layout, g, V.shape[1])
         return out
@@ -109,8 +108,8 @@ class FisherOperator(TorchCurvatureOperator):
     curvature = "fisher"
     method = "func"
 
-    def __init__(self, problem, layout, selected, fixed, *, kind, num_samples, seed, chunk_size):
-        super().__init__(problem, layout, selected, fixed, chunk_size)
+    def __init__(self, objective, layout, selected, fixed, *, kind, num_samples, seed, chunk_size):
+        super().__init__(objective, layout, selected, fixed, chunk_size)
         if kind not in ("empirical", "mc"):
             raise ValueError(f"kind must be 'empirical' or 'mc', got {kind!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -120,8 +119,10 @@ class FisherOperator(TorchCurvatureOperator):
         if seed is None:
             seed = int(np.random.default_rng().integers(2**31))
         self.seed = int(seed)
-        self._likelihood = _likelihood(problem.loss_fn) if kind == "mc" else None
-        self._sample_weight = 1.0 / problem.num_samples if problem.reduction == "mean" else 1.0
+        self._likelihood = _likelihood(objective.loss_fn) if kind == "mc" else None
+        self._sample_weight = (
+            1.0 / self.dataset.num_samples if self.dataset.reduction == "mean" else 1.0
+        )
 
     # ------------------------------------------------------------------ MC labels
     def _sample_targets(self, index: int, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
@@ -142,7 +143,7 @@ class FisherOperator(TorchCurvatureOperator):
             return torch.bernoulli(probs, generator=gen).to(outputs.dtype)
         # gaussian
         per_sample = outputs[0].numel() if outputs.ndim > 0 else 1
-        var = per_sample / 2.0 if self.problem.reduction == "mean" else 0.5
+        var = per_sample / 2.0 if self.dataset.reduction == "mean" else 0.5
         noise = torch.randn(
             (M, *outputs.shape), generator=gen, dtype=outputs.dtype, device=outputs.device
         )
@@ -152,20 +153,20 @@ class FisherOperator(TorchCurvatureOperator):
         """The MC labels of every batch, ``(num_samples, *targets.shape)`` each (for checks)."""
         out = []
         params = {**self.fixed, **self.selected}
-        for index, (_, (inputs, targets)) in enumerate(self.problem.batches()):
+        for index, (_, (inputs, targets)) in enumerate(self.dataset.batches()):
             with torch.no_grad():
-                outputs = self.problem.call(params, inputs)
+                outputs = self.objective.call(params, inputs)
             out.append(self._sample_targets(index, outputs, targets))
         return out
 
     # ------------------------------------------------------------------ gradients
     def _per_sample_grads(self, batch: Batch, targets: Any) -> torch.Tensor:
         inputs = batch[0]
-        fixed, problem = self.fixed, self.problem
+        fixed, objective = self.fixed, self.objective
 
         def loss_one(p, x, t):
             x1 = tree_map(lambda a: a.unsqueeze(0) if isinstance(a, torch.Tensor) else a, x)
-            return problem.loss_fn(problem.call({**fixed, **p}, x1), t.unsqueeze(0))
+            return objective.loss_fn(objective.call({**fixed, **p}, x1), t.unsqueeze(0))
 
         grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
             self.selected, inputs, targets
@@ -176,13 +177,13 @@ class FisherOperator(TorchCurvatureOperator):
     def _gradient_blocks(self):
         """Yield ``(weight, G)`` with ``G`` the ``(B, n)`` per-sample gradients of a batch."""
         params = {**self.fixed, **self.selected}
-        for index, (_, batch) in enumerate(self.problem.batches()):
+        for index, (_, batch) in enumerate(self.dataset.batches()):
             inputs, targets = batch
             if self.kind == "empirical":
                 yield self._sample_weight, self._per_sample_grads(batch, targets)
                 continue
             with torch.no_grad():
-                outputs = self.problem.call(params, inputs)
+                outputs = self.objective.call(params, inputs)
             draws = self._sample_targets(index, outputs, targets)
             M = self.num_mc_samples
             # all M draws in one vmapped call: the inputs repeated M times
@@ -235,14 +236,15 @@ def _likelihood(loss_fn: Any) -> str:
 
 def ggn(
     model: torch.nn.Module,
-    loss_fn: Callable[..., Any],
-    data: Any,
+    loss_fn: Callable[..., Any] | None = None,
+    data: Any = None,
     *,
     params: ParamSpec = None,
     chunk_size: int | str | None = None,
     dtype: torch.dtype | None = None,
     device: Any = None,
     reduction: str | None = None,
+    closure: Callable[[Any, Any], Any] | None = None,
     check_deterministic: bool = True,
 ) -> GGNOperator:
     """The generalised Gauss-Newton matrix ``J^T H_L J`` of a model over a whole data set.
@@ -251,6 +253,8 @@ def ggn(
     (``jvp`` of ``grad``, so cross-entropy, MSE, BCE-with-logits and any twice-differentiable
     loss work) and ``torch.func.vjp`` (``J^T u``); ``matmat`` is vmapped. Options and data
     rules as in :func:`torch_backend.hessian`; normalisation in :mod:`torch_backend.curvature`.
+    The GGN needs ``loss_fn(outputs, targets)``: a ``closure=`` is refused with an error
+    that says so (use ``hessian(..., closure=...)``).
 
     Examples
     --------
@@ -262,27 +266,17 @@ def ggn(
     >>> bool((op.to_dense() - op.to_dense().T).abs().max() < 1e-12)
     True
     """
-    problem, layout, selected, fixed = build_problem(
-        model,
-        loss_fn,
-        data,
-        params=params,
-        dtype=dtype,
-        device=device,
-        reduction=reduction,
-        check_deterministic=check_deterministic,
+    options = BuildOptions(
+        params=params, chunk_size=chunk_size, dtype=dtype, device=device, reduction=reduction,
+        closure=closure, check_deterministic=check_deterministic,
     )
-    op = GGNOperator(problem, layout, selected, fixed, None if chunk_size == "auto" else chunk_size)
-    resolve_auto_chunk(op, chunk_size)
-    if check_deterministic:
-        op._check_deterministic()
-    return op
+    return build_operator(GGNOperator, model, loss_fn, data, options)
 
 
 def fisher(
     model: torch.nn.Module,
-    loss_fn: Callable[..., Any],
-    data: Any,
+    loss_fn: Callable[..., Any] | None = None,
+    data: Any = None,
     *,
     kind: str = "empirical",
     num_samples: int = 1,
@@ -292,6 +286,7 @@ def fisher(
     dtype: torch.dtype | None = None,
     device: Any = None,
     reduction: str | None = None,
+    closure: Callable[[Any, Any], Any] | None = None,
     check_deterministic: bool = True,
 ) -> FisherOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher matrix.
@@ -311,28 +306,11 @@ def fisher(
     >>> op.exact_diagonal().shape
     torch.Size([8])
     """
-    problem, layout, selected, fixed = build_problem(
-        model,
-        loss_fn,
-        data,
-        params=params,
-        dtype=dtype,
-        device=device,
-        reduction=reduction,
-        check_deterministic=check_deterministic,
+    options = BuildOptions(
+        params=params, chunk_size=chunk_size, dtype=dtype, device=device, reduction=reduction,
+        closure=closure, check_deterministic=check_deterministic,
     )
-    op = FisherOperator(
-        problem,
-        layout,
-        selected,
-        fixed,
-        kind=kind,
-        num_samples=num_samples,
-        seed=seed,
-        chunk_size=None if chunk_size == "auto" else chunk_size,
+    return build_operator(
+        FisherOperator, model, loss_fn, data, options, kind=kind, num_samples=num_samples, seed=seed
     )
-    resolve_auto_chunk(op, chunk_size)
-    if check_deterministic:
-        op._check_deterministic()
-    return op
 

@@ -1,7 +1,7 @@
 """Hessian-vector product engines: ``"func"``, ``"autograd"`` and ``"pyhessian"``.
 
 Every engine computes ``H @ V`` for a flat ``(n, k)`` block, where ``H`` is the Hessian of
-the whole-data-set loss of a :class:`~torch_backend.data.Problem` with respect to the selected
+the whole-data-set loss of an :class:`~torch_backend._data.Objective` with respect to the selected
 parameters. They differ only in how the product is formed:
 
 * ``"func"``: forward-over-reverse, ``jvp(grad(loss))`` with :mod:`torch.func`; ``matmat``
@@ -29,7 +29,7 @@ import torch
 
 from dualhess import ParamLayout
 
-from ._data import Batch, Problem
+from ._data import Batch, Objective
 
 __all__ = ["ENGINES", "FuncEngine", "AutogradEngine", "PyHessianEngine", "columns_to_dict"]
 
@@ -50,12 +50,12 @@ class _Engine:
 
     def __init__(
         self,
-        problem: Problem,
+        objective: Objective,
         layout: ParamLayout,
         selected: dict[str, torch.Tensor],
         fixed: dict[str, torch.Tensor],
     ) -> None:
-        self.problem = problem
+        self.objective = objective
         self.layout = layout
         self.selected = selected
         self.fixed = fixed
@@ -73,17 +73,28 @@ class FuncEngine(_Engine):
     name = "func"
 
     def _hvp(self, batch: Batch, tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        fixed, problem = self.fixed, self.problem
+        fixed, objective = self.fixed, self.objective
 
         def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return problem.batch_loss({**fixed, **p}, batch)
+            return objective.batch_loss({**fixed, **p}, batch)
 
-        return torch.func.jvp(torch.func.grad(loss), (self.selected,), (tangents,))[1]
+        try:
+            return torch.func.jvp(torch.func.grad(loss), (self.selected,), (tangents,))[1]
+        except RuntimeError as exc:
+            if objective.is_closure and "functorch" in str(exc):
+                raise RuntimeError(
+                    "method='func' cannot differentiate this closure: it runs under torch.func "
+                    "transforms, inside which torch.autograd.grad and requires_grad_ (e.g. the "
+                    "input derivatives of a physics-informed loss) are not supported. Use "
+                    "method='autograd' (double backward), or method='auto', which picks an "
+                    f"engine that works. ({str(exc).splitlines()[0][:160]})"
+                ) from exc
+            raise
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         tangents = self.layout.split(v)
         out = torch.zeros_like(v)
-        for weight, batch in self.problem.batches():
+        for weight, batch in self.objective.dataset.batches():
             hv = self._hvp(batch, tangents)
             out += weight * torch.cat([hv[e.name].reshape(-1) for e in self.layout])
         return out
@@ -92,7 +103,7 @@ class FuncEngine(_Engine):
         k = V.shape[1]
         tangents = columns_to_dict(self.layout, V)
         out = torch.zeros_like(V)
-        for weight, batch in self.problem.batches():
+        for weight, batch in self.objective.dataset.batches():
             hv = torch.func.vmap(lambda t, b=batch: self._hvp(b, t))(tangents)
             out += weight * dict_to_columns(self.layout, hv, k)
         return out
@@ -107,15 +118,15 @@ class AutogradEngine(_Engine):
         super().__init__(*args, **kwargs)
         self.batched = True
         self._cache: list[Any] | None = None
-        if self.problem.single:
-            self._cache = [self._graph(w, b) for w, b in self.problem.batches()]
+        if self.objective.dataset.single:
+            self._cache = [self._graph(w, b) for w, b in self.objective.dataset.batches()]
 
     def _graph(self, weight: float, batch: Batch) -> tuple[list[torch.Tensor], list, list[int]]:
         """First-order graph of one batch: leaves, connected gradients and their indices."""
         leaves = [t.detach().requires_grad_(True) for t in self.selected.values()]
         with torch.enable_grad():
             params = {**self.fixed, **dict(zip(self.selected, leaves))}
-            loss = self.problem.batch_loss(params, batch) * weight
+            loss = self.objective.batch_loss(params, batch) * weight
             grads = torch.autograd.grad(
                 loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True
             )
@@ -126,7 +137,7 @@ class AutogradEngine(_Engine):
         if self._cache is not None:
             yield from self._cache
         else:
-            for weight, batch in self.problem.batches():
+            for weight, batch in self.objective.dataset.batches():
                 yield self._graph(weight, batch)
 
     def _product(self, graph: Any, parts: list[torch.Tensor], batched: bool) -> list[torch.Tensor]:

@@ -84,7 +84,7 @@ def auto_chunk_size(op: Any, *, max_chunk: int | None = None) -> int:
     max_chunk : int, optional
         An upper bound (default ``n``).
     """
-    device = op.problem.device
+    device = op.dataset.device
     n = op.n
     product = op._matmat
     generator = torch.Generator().manual_seed(0)
