@@ -1,21 +1,28 @@
 """Generalised Gauss-Newton and Fisher operators of a PyTorch model over a whole data set.
 
-Normalisation (``N`` samples; ``f_i = f(x_i)`` the model output, ``J_i`` its Jacobian in the
-selected parameters; ``l_i(f) = loss_fn(f_i[None], y_i[None])`` the loss of sample ``i``
-alone, i.e. averaged over its output elements when the loss module averages)::
+Normalisation (``N`` samples; ``f_n = f(x_n)`` the model output, ``J_n`` its Jacobian in the
+selected parameters). The *per-sample loss* ``l_n`` is the sample's whole negative
+log-likelihood, summed over its ``D`` loss elements (the ``C`` outputs of ``MSELoss`` or
+``BCEWithLogitsLoss``, the positions of a ``(N, C, d1, ...)`` ``CrossEntropyLoss``/``NLLLoss``;
+``D = 1`` for one class label per sample), and ``r`` is the factor of the loss's reduction::
 
-    reduction="mean":  L = (1/N) sum_i l_i        reduction="sum":  L = sum_i l_i
-    GGN        G = s sum_i J_i^T (d^2 l_i / df^2) J_i
-    empirical  F = s sum_i g_i g_i^T,                g_i = grad_theta l_i(f_i, y_i)
-    MC Fisher  F = s sum_i (1/M) sum_m g_im g_im^T,  g_im = grad_theta l_i(f_i, y~_im)
+    reduction="mean":  L = r sum_n l_n,  r = 1/(N D)     reduction="sum":  L = sum_n l_n, r = 1
+    GGN        G = r sum_n J_n^T (d^2 l_n / df^2) J_n        (the Hessian of L without the
+                                                           second-order terms of the network)
+    empirical  F = r sum_n g_n g_n^T,                      g_n = grad_theta l_n(f_n, y_n)
+    MC Fisher  F = r sum_n (1/M) sum_m g_nm g_nm^T,         g_nm = grad_theta l_n(f_n, y~_nm)
 
-with ``s = 1/N`` for ``"mean"`` and ``s = 1`` for ``"sum"``: the GGN is the Hessian of ``L``
-without the second-order terms of the network, and every operator has the scale of the
-Hessian of ``L``. The MC labels ``y~ ~ p(y | f_i)`` come from the likelihood whose negative log
-is the loss: categorical ``softmax(f)`` for ``CrossEntropyLoss``, Bernoulli ``sigmoid(f)`` for
-``BCEWithLogitsLoss``, and ``N(f, sigma^2 I)`` for ``MSELoss`` with ``sigma^2 = D/2``
-(``reduction="mean"`` over ``D`` output elements per sample) or ``1/2`` (``"sum"``). For
-these, ``E[F_mc] = G`` exactly.
+The labels ``y~ ~ p(y | f_n)`` come from the likelihood whose negative log is ``l_n``:
+categorical ``softmax(f)`` for ``CrossEntropyLoss``, categorical ``exp(f)`` (``f`` log-
+probabilities) for ``NLLLoss``, Bernoulli ``sigmoid(f)`` per entry for ``BCEWithLogitsLoss``,
+and ``N(f, I/2)`` for ``MSELoss`` (``l_n = ||f_n - y_n||^2``). So ``E[F_mc] = G`` for every
+supported loss and either reduction, and the three operators have the scale of the Hessian of
+``L``. (``NLLLoss`` is linear in its log-probability inputs, so its GGN split there is zero; its
+MC Fisher equals the GGN of ``CrossEntropyLoss`` on the logits before the ``log_softmax``.)
+
+``D`` is read from a loss module by evaluating a copy with ``reduction="none"`` on the first
+batch; for a plain callable ``loss_fn(outputs, targets)`` the loss of one sample alone is
+``l_n`` (``D = 1``, ``r = 1/N`` for ``"mean"``).
 
 References
 ----------
@@ -28,6 +35,7 @@ natural gradient descent", NeurIPS (2019).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -120,9 +128,16 @@ class FisherOperator(TorchCurvatureOperator):
             seed = int(np.random.default_rng().integers(2**31))
         self.seed = int(seed)
         self._likelihood = _likelihood(objective.loss_fn) if kind == "mc" else None
-        self._sample_weight = (
-            1.0 / self.dataset.num_samples if self.dataset.reduction == "mean" else 1.0
-        )
+        # l_n = D * (loss_fn of sample n alone) for "mean" (it averages over D elements),
+        # r = 1/(N D): the weight of g g^T for g = grad(loss_fn of one sample) is r * D**2.
+        self.elements_per_sample = _elements_per_sample(objective, {**fixed, **selected})
+        if self.dataset.reduction == "mean":
+            D = self.elements_per_sample
+            self.reduction_factor = 1.0 / (self.dataset.num_samples * D)
+            self._sample_weight = self.reduction_factor * D * D
+        else:
+            self.reduction_factor = 1.0
+            self._sample_weight = 1.0
 
     # ------------------------------------------------------------------ MC labels
     def _sample_targets(self, index: int, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
@@ -132,8 +147,8 @@ class FisherOperator(TorchCurvatureOperator):
         outputs = outputs.detach()
         M = self.num_mc_samples
         kind = self._likelihood
-        if kind == "categorical":
-            probs = torch.softmax(outputs, dim=1)
+        if kind in ("categorical", "log-categorical"):
+            probs = torch.softmax(outputs, dim=1) if kind == "categorical" else outputs.exp()
             moved = probs.movedim(1, -1).reshape(-1, probs.shape[1])
             draws = torch.multinomial(moved, M, replacement=True, generator=gen)
             shape = (*probs.shape[:1], *probs.shape[2:])
@@ -141,13 +156,11 @@ class FisherOperator(TorchCurvatureOperator):
         if kind == "bernoulli":
             probs = torch.sigmoid(outputs).expand((M, *outputs.shape))
             return torch.bernoulli(probs, generator=gen).to(outputs.dtype)
-        # gaussian
-        per_sample = outputs[0].numel() if outputs.ndim > 0 else 1
-        var = per_sample / 2.0 if self.dataset.reduction == "mean" else 0.5
+        # gaussian: l_n = ||f_n - y_n||^2 is the negative log-likelihood of N(f_n, I/2)
         noise = torch.randn(
             (M, *outputs.shape), generator=gen, dtype=outputs.dtype, device=outputs.device
         )
-        return outputs + var**0.5 * noise
+        return outputs + 0.5**0.5 * noise
 
     def mc_targets(self) -> list[torch.Tensor]:
         """The MC labels of every batch, ``(num_samples, *targets.shape)`` each (for checks)."""
@@ -205,19 +218,47 @@ class FisherOperator(TorchCurvatureOperator):
         return out
 
     def exact_diagonal(self) -> torch.Tensor:
-        """The exact diagonal ``s sum_i g_i**2`` from the per-sample gradients (no BackPACK)."""
+        """The exact diagonal ``r sum_n g_n**2`` from the per-sample gradients (no BackPACK)."""
         out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         for weight, G in self._gradient_blocks():
             out += weight * (G * G).sum(dim=0)
         return out
 
 
+def _elements_per_sample(objective: Any, params: dict[str, torch.Tensor]) -> int:
+    """``D``: how many elements a ``"mean"`` loss module averages over per sample.
+
+    A copy of the module with ``reduction="none"`` is evaluated on the first batch; a plain
+    callable (or ``reduction="sum"``) gives 1.
+    """
+    loss_fn = objective.loss_fn
+    if objective.dataset.reduction != "mean" or not isinstance(loss_fn, torch.nn.Module):
+        return 1
+    if not isinstance(getattr(loss_fn, "reduction", None), str):
+        return 1
+    unreduced = copy.copy(loss_fn)
+    unreduced.reduction = "none"
+    _, (inputs, targets) = next(iter(objective.dataset.batches()))
+    with torch.no_grad():
+        values = unreduced(objective.call(params, inputs), targets)
+    size = int(targets.shape[0]) if targets.ndim else 1
+    count = int(values.numel())
+    if count % size:  # pragma: no cover - a loss whose elements are not per sample
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction='none') gave {count} values for {size} "
+            "samples; cannot tell how many elements per sample the mean runs over"
+        )
+    return max(count // size, 1)
+
+
 def _likelihood(loss_fn: Any) -> str:
     name = type(loss_fn).__name__
-    if name == "CrossEntropyLoss":
+    if name in ("CrossEntropyLoss", "NLLLoss"):
         if getattr(loss_fn, "weight", None) is not None or getattr(loss_fn, "label_smoothing", 0):
-            raise ValueError("kind='mc' needs CrossEntropyLoss without class weights or smoothing")
-        return "categorical"
+            raise ValueError(f"kind='mc' needs {name} without class weights or smoothing")
+        if getattr(loss_fn, "ignore_index", -100) != -100:
+            raise ValueError(f"kind='mc' needs {name} without ignore_index")
+        return "categorical" if name == "CrossEntropyLoss" else "log-categorical"
     if name == "BCEWithLogitsLoss":
         if (
             getattr(loss_fn, "weight", None) is not None
@@ -229,7 +270,7 @@ def _likelihood(loss_fn: Any) -> str:
         return "gaussian"
     raise ValueError(
         "fisher(kind='mc') samples labels from the likelihood of the loss and supports "
-        f"nn.CrossEntropyLoss, nn.BCEWithLogitsLoss and nn.MSELoss; got {name}. Use "
+        f"nn.CrossEntropyLoss, nn.NLLLoss, nn.BCEWithLogitsLoss and nn.MSELoss; got {name}. Use "
         "kind='empirical' or ggn() for other losses."
     )
 
@@ -252,7 +293,7 @@ def ggn(
     Products use ``torch.func.jvp`` (``J v``), the exact Hessian of the loss in the outputs
     (``jvp`` of ``grad``, so cross-entropy, MSE, BCE-with-logits and any twice-differentiable
     loss work) and ``torch.func.vjp`` (``J^T u``); ``matmat`` is vmapped. Options and data
-    rules as in :func:`torch_backend.hessian`; normalisation in :mod:`torch_backend.curvature`.
+    rules as in :func:`torch_backend.hessian`; normalisation in ``torch_backend._curvature``.
     The GGN needs ``loss_fn(outputs, targets)``: a ``closure=`` is refused with an error
     that says so (use ``hessian(..., closure=...)``).
 
@@ -291,10 +332,19 @@ def fisher(
 ) -> FisherOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher matrix.
 
+    With ``l_n`` the whole negative log-likelihood of sample ``n`` (summed over its ``D``
+    loss elements) and ``r`` the reduction factor (``1/(N D)`` for ``"mean"``, 1 for
+    ``"sum"``), the empirical Fisher is ``r sum_n grad l_n grad l_n^T`` and the MC Fisher
+    ``r sum_n E_y~[grad l_n(y~) grad l_n(y~)^T]``, which equals the GGN in expectation for
+    ``CrossEntropyLoss``, ``NLLLoss`` (GGN on the logits), ``BCEWithLogitsLoss`` and
+    ``MSELoss``; details in the module docstring of ``torch_backend._curvature``
+    (``op.elements_per_sample`` is ``D``, ``op.reduction_factor`` is ``r``).
+
     Built from per-sample gradients (``vmap`` of ``grad``); the MC labels are drawn once per
     batch from ``seed`` (``num_samples`` draws per sample), so the operator is fixed. The
-    exact diagonal is available from the same per-sample gradients. Normalisation in
-    :mod:`torch_backend.curvature`; other options as in :func:`torch_backend.hessian`.
+    exact diagonal is available from the same per-sample gradients. Other options as in
+    :func:`torch_backend.hessian`; like the GGN it needs ``loss_fn(outputs, targets)`` and
+    refuses a ``closure=``.
 
     Examples
     --------
