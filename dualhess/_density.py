@@ -170,7 +170,8 @@ def density(
     rng = default_rng(seed)
     start = op.asarray(_draw_probes(rng, op.n, p, "rademacher"))
     # lanczos draws the progress bar
-    tri = lanczos(op, m, start=start, reorthogonalize=reorthogonalize, progress=progress)
+    label = f"density ({p} probes x Lanczos)" if progress is True else progress
+    tri = lanczos(op, m, start=start, reorthogonalize=reorthogonalize, progress=label)
 
     nodes = np.zeros((p, m))
     weights = np.zeros((p, m))

@@ -134,7 +134,7 @@ class _Krylov:
             return w, np.zeros(0)
         # numpy/torch: only the columns so far (a free view); jax: the whole fixed-shape
         # basis (zero beyond size), so that eager jax compiles once per shape.
-        V = self.V if self.op.framework == "jax" else self.V[:, : self.size]
+        V = self.V if self.op.fixed_shapes else self.V[:, : self.size]
         total = np.zeros(V.shape[1])
         for _ in range(2):
             h = V.T @ w
@@ -151,7 +151,7 @@ class _Krylov:
             extra = xp.zeros((self.op.n, grow), dtype=v.dtype, device=device(v))
             self.V = xp.concat([self.V, extra], axis=1)
             self.capacity += grow
-        if self.op.framework == "jax":
+        if self.op.fixed_shapes:
             self.V = xpx.at(self.V)[:, self.size].set(v)
         else:  # numpy/torch: in place (the basis is this object's own array)
             self.V[:, self.size] = v
@@ -291,6 +291,17 @@ class _Krylov:
 
 
 @fill_doc
+def _show_progress(bar: Any, residuals: np.ndarray, tol: float, scale: float, spent: int) -> None:
+    """Converged pairs, the worst relative residual and the products so far, on the bar."""
+    if bar.disable:
+        return
+    relative = residuals / max(scale, np.finfo(np.float64).tiny)
+    bar.n = int(np.sum(relative <= tol))
+    bar.set_postfix_str(f"worst residual {float(np.max(relative)):.1e} (tol {tol:.0e}), "
+                        f"{spent} products", refresh=False)
+    bar.update(0)
+
+
 def eigsh(
     op: Operator,
     k: int = 6,
@@ -343,7 +354,8 @@ def eigsh(
     return_vectors : bool
         Return the eigenvectors (default True).
     progress : bool
-        Show a progress bar over ``max_matvecs``.
+        Show a progress bar: converged pairs of ``k``, the worst relative residual and the
+        products spent.
     %(checkpoint)s
     block_size : int
         Columns expanded per step, in one ``op.matmat`` call (block Krylov). 1 (default) is
@@ -468,7 +480,9 @@ def eigsh(
     snapshot: np.ndarray | None = None
     exhausted = False
 
-    bar = progress_bar(progress, budget, "eigsh")
+    # The bar counts the wanted pairs that have converged, with the worst relative residual
+    # and the products so far (the budget is a cap, not a measure of progress).
+    bar = progress_bar(progress, k, "eigsh", unit="pairs converged")
     try:
         while True:
             ne = kry.num_expanded
@@ -477,6 +491,7 @@ def eigsh(
                 theta, Y, res = kry.ritz()
                 scale = float(np.max(np.abs(theta), initial=0.0))
                 wanted = _select(theta, k, which)
+                _show_progress(bar, res[wanted], tol_eff, scale, op.num_matvecs - start_count)
                 if np.all(res[wanted] <= tol_eff * scale):
                     values = np.sort(theta[wanted])
                     complete = kry.size >= n
@@ -520,9 +535,7 @@ def eigsh(
             else:
                 columns = unexpanded[:b]  # first in, first out
             left = budget - (op.num_matvecs - start_count)
-            before = op.num_matvecs
             kry.expand_block(columns[: max(1, left)])
-            bar.update(op.num_matvecs - before)
     finally:
         bar.close()
 

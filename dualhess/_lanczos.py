@@ -136,7 +136,7 @@ def lanczos(
     scale = 0.0
 
     fixed_shapes = op.framework == "jax"
-    bar = progress_bar(progress, m, "lanczos")
+    bar = progress_bar(progress, m, "lanczos", unit="steps")
     try:
         for j in range(m):
             W = op.matmat(Q)

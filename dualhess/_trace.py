@@ -337,7 +337,7 @@ def trace(
             )
         )
     rng = default_rng(seed)
-    bar = progress_bar(progress, m, f"trace ({method})")
+    bar = progress_bar(progress, m, f"trace ({method})", unit="products")
     try:
         if method == "hutchinson":
             value, stderr, spent, samples = _hutchinson(

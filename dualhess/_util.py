@@ -36,8 +36,17 @@ def check_finite_host(x: np.ndarray, what: str) -> None:
         raise FloatingPointError(f"{what} contains NaN or Inf; the operator is not finite")
 
 
-def progress_bar(progress: bool, total: int | None, desc: str) -> Any:
-    """A tqdm bar (disabled when ``progress`` is False)."""
+def progress_bar(progress: bool | str, total: int | None, desc: str, unit: str = "it") -> Any:
+    """A tqdm bar of ``total`` ``unit`` (disabled when ``progress`` is False).
+
+    ``progress`` may be a string: the bar's label instead of ``desc`` (so a caller such as
+    ``density`` can name the stage a shared routine such as ``lanczos`` draws). The bar shows
+    ``label: n/total unit |bar| elapsed`` and the postfix, not a rate, and is cleared when
+    closed. Log lines printed while it runs should go through ``tqdm.write``.
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    label = progress if isinstance(progress, str) else desc
+    return tqdm(total=total, desc=label, disable=not progress, leave=False, dynamic_ncols=True,
+                unit=unit, bar_format="{desc}: {n_fmt}/{total_fmt} " + unit
+                + " |{bar}| {elapsed}{postfix}")
