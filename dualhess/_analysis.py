@@ -447,15 +447,24 @@ def run_analysis(
 
 
 # ---------------------------------------------------------------------- models
-def _frameworks_for(model_framework: str, requested: str | None) -> list[str]:
-    if requested is None:
-        return ["torch", "jax"] if model_framework == "torch" else ["jax"]
-    if model_framework == "jax" and requested != "jax":
+def _sides(owner: Any, twins: list[Any], requested: str | None) -> tuple[bool, list[Any]]:
+    """Whether the owner's backend computes, and which twin backends do, for ``--framework``.
+
+    ``None``: the owner and every twin backend that can take the model; ``"both"``: the same,
+    an error without a twin; a backend's name: that backend alone.
+    """
+    if requested is None or requested == "both":
+        return True, twins
+    if requested == owner.name:
+        return True, []
+    chosen = [b for b in twins if b.name == requested]
+    if not chosen:
         raise ValueError(
-            f"--framework {requested}: this is a Flax model, which dualhess analyses in JAX only "
-            "(use --framework jax); the PyTorch side and the crosscheck need a PyTorch model"
+            f"--framework {requested}: this {owner.name} model is analysed by its own backend"
+            f" ({owner.name}){' and by a twin in ' + ', '.join(b.name for b in twins) if twins else ''}"
+            f"; use --framework {owner.name}"
         )
-    return ["torch", "jax"] if requested == "both" else [requested]
+    return False, chosen
 
 
 def analyze(
@@ -495,58 +504,67 @@ def analyze(
     >>> out = analyze(model, torch.nn.CrossEntropyLoss(), data, AnalysisSettings(top_k=2))  # doctest: +SKIP
     >>> out["results"]["torch"]["summary"]["lambda_max"]  # doctest: +SKIP
     """
-    from .backends import backend_for, get_backend
+    from .backends import backend_for, get_backend, known_backends
 
     settings = (settings or AnalysisSettings()).validate()
     owner = backend_for(model)
-    frameworks = _frameworks_for(owner.name, settings.framework)
+    # Twin backends that can take this model; a backend whose framework is not installed
+    # cannot build one (and is named in the report when it was asked for by default).
+    twins, missing = [], []
+    for name in known_backends():
+        try:
+            backend = get_backend(name)
+        except ImportError as exc:
+            missing.append((name, exc))
+            continue
+        if backend is not owner and backend.can_twin(model):
+            twins.append(backend)
+    for name, exc in missing:
+        if settings.framework == name or (settings.framework == "both" and not twins):
+            raise exc  # asked for a framework that is not installed: the pip command
+    if settings.framework == "both" and not twins:
+        raise ValueError(
+            f"--framework both: no installed backend builds a twin of this {owner.name} model "
+            f"({type(model).__name__}); use --framework {owner.name}"
+        )
+    own_side, twins = _sides(owner, twins, settings.framework)
+    frameworks = ([owner.name] if own_side else []) + [b.name for b in twins]
     options: dict[str, Any] = {"dtype": settings.dtype}
-    selected = None
-    if owner.name == "torch":
-        names = [name for name, p in model.named_parameters() if p.requires_grad]
-        selected = resolve_params(settings.params, names)
+    selected = resolve_params(settings.params, owner.parameter_names(model))
     timings: dict[str, float] = {}
     operators: dict[str, Operator] = {}
     alignment = None
     twin_error: str | None = None
-    if owner.name == "torch":
-        torch_side = get_backend("torch")
-        if "torch" in frameworks:
-            log("[torch] building the Hessian operator")
-            t0 = time.perf_counter()
-            extra = {} if settings.device is None else {"device": settings.device}
-            operators["torch"] = torch_side.hessian(model, loss_fn, data, params=selected,
-                                                    **options, **extra)
-            timings["build_torch"] = time.perf_counter() - t0
-        if "jax" in frameworks:
-            log("[jax] building the Flax twin and its Hessian operator")
-            t0 = time.perf_counter()
-            try:
-                twin_op, alignment = get_backend("jax").twin_hessian(
-                    model, loss_fn, data, dtype=settings.dtype, params=selected)
-            except (NotImplementedError, ImportError) as exc:
-                # A layer the converter does not know, or no JAX installed. Asked for
-                # explicitly (--framework both/jax), that is an error; by default the
-                # PyTorch analysis goes on and the report says why there is no JAX side.
-                if settings.framework is not None:
-                    raise
-                twin_error = f"{type(exc).__name__}: {exc}"
-                log(f"[jax] skipped: {twin_error}\n      The PyTorch analysis goes on without the "
-                    "crosscheck (--framework torch skips the twin; --framework both makes "
-                    "this an error).")
-                frameworks = [f for f in frameworks if f != "jax"]
-            else:
-                operators["jax"] = HostOperator(twin_op, alignment)
-                timings["build_jax"] = time.perf_counter() - t0
-    else:
-        log("[jax] building the Hessian operator")
+    if own_side:
+        log(f"[{owner.name}] building the Hessian operator")
         t0 = time.perf_counter()
-        op = owner.hessian(model, loss_fn, data, **options)
-        if settings.params is not None:
-            selected = resolve_params(settings.params, op.layout.names)
-            op = owner.hessian(model, loss_fn, data, params=selected, **options)
-        operators["jax"] = HostOperator(op)
-        timings["build_jax"] = time.perf_counter() - t0
+        extra = {} if settings.device is None else {"device": settings.device}
+        op = owner.hessian(model, loss_fn, data, params=selected, **options, **extra)
+        # Products whose arrays compile per shape keep the algorithms' vector work on the host.
+        operators[owner.name] = HostOperator(op) if getattr(op, "fixed_shapes", False) else op
+        timings[f"build_{owner.name}"] = time.perf_counter() - t0
+    for twin in twins:
+        log(f"[{twin.name}] building the twin and its Hessian operator")
+        t0 = time.perf_counter()
+        try:
+            twin_op, alignment = twin.twin_hessian(
+                model, loss_fn, data, dtype=settings.dtype, params=selected)
+        except (NotImplementedError, ImportError) as exc:
+            # An operation the twin cannot reproduce. Asked for explicitly (--framework
+            # both/<twin>), that is an error; by default the owner's analysis goes on and
+            # the report says why there is no twin.
+            if settings.framework is not None:
+                raise
+            twin_error = f"{type(exc).__name__}: {exc}"
+            log(f"[{twin.name}] skipped: {twin_error}\n      The {owner.name} analysis goes on "
+                f"without the crosscheck (--framework {owner.name} skips the twin; "
+                "--framework both makes this an error).")
+            frameworks.remove(twin.name)
+        else:
+            # The twin's vectors are presented in the owner's flat order, on the host, so
+            # both sides see identical probes.
+            operators[twin.name] = HostOperator(twin_op, alignment)
+            timings[f"build_{twin.name}"] = time.perf_counter() - t0
     first = next(iter(operators.values()))
     layout = getattr(first, "layout", None)
     if alignment is None and layout is not None:

@@ -113,3 +113,24 @@ def safe_norm(x: Any, xp: Any) -> float:
 def safe_column_norms(R: np.ndarray) -> np.ndarray:
     """Column 2-norms of a host float64 matrix (see :func:`safe_vector_norm`)."""
     return np.asarray(safe_vector_norm(np.asarray(R, dtype=np.float64), np, axis=0))
+
+
+def places_itself(x: Any) -> bool:
+    """Whether the array library moves (or shards) arrays between devices by itself, so an
+    input on another device than the operator's is not an error (JAX); torch is strict."""
+    import array_api_compat
+
+    return bool(array_api_compat.is_jax_array(x))
+
+
+def compiles_per_shape(x: Any) -> bool:
+    """Whether eager operations on arrays like ``x`` compile once per distinct shape.
+
+    True for JAX arrays (immutable; every new shape of an eager operation is a new XLA
+    computation), False for numpy and torch. Krylov methods then keep their shapes fixed or
+    run their bookkeeping on the host. This is the array layer's one statement about a
+    library; operators expose it as :attr:`dualhess.Operator.fixed_shapes`.
+    """
+    import array_api_compat
+
+    return bool(array_api_compat.is_jax_array(x))

@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from ._array import array_namespace, device, dtype_name, from_numpy, to_numpy
+from ._array import (
+    array_namespace,
+    compiles_per_shape,
+    device,
+    dtype_name,
+    from_numpy,
+    places_itself,
+    to_numpy,
+)
 from ._errors import ExactUnavailableError, LossUnavailableError, OperatorError
 
 __all__ = [
@@ -138,8 +146,16 @@ class Operator:
 
     @property
     def framework(self) -> str:
-        """``'numpy'``, ``'torch'`` or ``'jax'``."""
+        """``'numpy'``, ``'torch'`` or ``'jax'``: a label for reports, never a switch."""
         return _namespace_name(self._like)
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Capability flag: eager array operations on this operator's vectors compile once
+        per distinct shape (JAX), so algorithms keep their array shapes fixed or run their
+        bookkeeping on the host (:class:`~dualhess._wrappers.HostOperator`). Default: what
+        the array library of the vectors does; an operator class may override it."""
+        return compiles_per_shape(self._like)
 
     # ------------------------------------------------------------------ conversions
     def asarray(self, x: Any) -> Any:
@@ -183,7 +199,7 @@ class Operator:
                 dev = device(x)
             except Exception:  # pragma: no cover
                 dev = own
-            if str(dev) != str(own) and self.framework != "jax":
+            if str(dev) != str(own) and not places_itself(self._like):
                 raise OperatorError(
                     f"device mismatch: the operator lives on {own}, the {what} on {dev}"
                 )
@@ -366,7 +382,6 @@ class DenseOperator(Operator):
     --------
     >>> import numpy as np, dualhess
     >>> op = dualhess.DenseOperator(np.diag(np.arange(1.0, 11.0)))
-
     >>> dualhess.eigsh(op, k=2, seed=0).values
     array([10.,  9.])
     """

@@ -90,8 +90,8 @@ class SpectrumTracker:
     %(monitor_measurement)s
     host_lanczos : bool, optional
         Run the Lanczos bookkeeping in numpy on the host (:class:`HostOperator`), products
-        on the device. Default: True for JAX operators (eager JAX recompiles small
-        operations for every new basis size), False otherwise.
+        on the device. Default: ``op.fixed_shapes`` (True for JAX operators: eager JAX
+        recompiles small operations for every new basis size).
 
     Examples
     --------
@@ -158,7 +158,7 @@ class SpectrumTracker:
             warm = self.warm_start and self._vector is not None and self._vector.shape == (op.n,)
             host = self.host_lanczos
             if host is None:
-                host = op.framework == "jax"
+                host = op.fixed_shapes
             eigen_op = HostOperator(op) if host else op
             if warm:
                 start = eigen_op.asarray(self._vector)

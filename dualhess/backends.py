@@ -28,6 +28,7 @@ __all__ = [
     "BackendUnavailableError",
     "get_backend",
     "backend_for",
+    "twin_backends",
     "known_backends",
     "available_backends",
     "hessian",
@@ -51,7 +52,13 @@ class Backend(Protocol):
     Attributes
     ----------
     name : str
-        ``"torch"`` or ``"jax"``.
+        The backend's name in the registry (``"torch"``, ``"jax"``): a label for reports and
+        the ``--framework`` option, never a switch in the core.
+
+    Every call the core makes on a backend is listed here. An option a backend does not
+    support raises an error naming it (never silently dropped); a capability it lacks
+    (``twin_hessian`` of a model it cannot convert, ``demo_problem``) raises
+    ``NotImplementedError`` with the reason.
     """
 
     name: str
@@ -61,8 +68,30 @@ class Backend(Protocol):
         linen ``(module, variables)`` pair)."""
         ...
 
+    def parameter_names(self, model: Any) -> list[str]:
+        """The names of the model's trainable parameters, in the backend operator's flat
+        order (the names of ``hessian(model, ...).layout``)."""
+        ...
+
     def hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Operator:
-        """The Hessian operator of the loss over the whole data set."""
+        """The Hessian operator of the loss over the whole data set (``dtype``, ``params``,
+        ``chunk_size`` and the backend's own options)."""
+        ...
+
+    def can_twin(self, model: Any) -> bool:
+        """Whether this backend can build a twin of another framework's ``model`` (the same
+        function of the same weights, differentiated by this backend's autodiff)."""
+        ...
+
+    def twin_hessian(
+        self, model: Any, loss_fn: Any, data: Any, *, dtype: Any, params: Any = None
+    ) -> tuple[Operator, Any]:
+        """The Hessian of the twin of another framework's ``model`` over the same data, and
+        the :class:`~dualhess.Alignment` from the owner's flat order to the twin's."""
+        ...
+
+    def demo_problem(self, **options: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """``(model, loss_fn, data, info)`` of ``dualhess analyze``'s embedded default."""
         ...
 
     def version_info(self) -> dict[str, str]:
@@ -111,6 +140,17 @@ def available_backends() -> list[str]:
         except BackendUnavailableError:
             continue
         out.append(name)
+    return out
+
+
+def twin_backends(model: Any) -> list[Backend]:
+    """The installed backends, other than the model's owner, that can build its twin."""
+    owner = backend_for(model)
+    out = []
+    for name in available_backends():
+        backend = get_backend(name)
+        if backend is not owner and backend.can_twin(model):
+            out.append(backend)
     return out
 
 
@@ -198,21 +238,26 @@ def crosscheck_model(
     """
     from ._crosscheck import crosscheck
 
-    torch_side = get_backend("torch")
-    jax_side = get_backend("jax")
-    if not torch_side.owns(model):
-        raise TypeError("crosscheck_model takes a PyTorch nn.Module (its JAX twin is built for you)")
-    # the twin first: an unsupported layer is reported by the converter, naming it
-    twin_op, align = jax_side.twin_hessian(model, loss_fn, data, dtype=dtype, params=params)
-    op_torch = torch_side.hessian(model, loss_fn, data, dtype=dtype, params=params, **hessian_options)
+    owner = backend_for(model)
+    twins = twin_backends(model)
+    if not twins:
+        raise TypeError(
+            f"crosscheck_model: no installed backend builds a twin of a {owner.name} model "
+            f"({type(model).__name__}); it takes a PyTorch nn.Module, whose JAX twin is built "
+            "for you (pip install 'dualhess[jax]')"
+        )
+    twin = twins[0]
+    # the twin first: an unsupported operation is reported by the converter, naming it
+    twin_op, align = twin.twin_hessian(model, loss_fn, data, dtype=dtype, params=params)
+    own_op = owner.hessian(model, loss_fn, data, dtype=dtype, params=params, **hessian_options)
     return crosscheck(
-        op_torch,
+        own_op,
         twin_op,
         align=align,
         num_probes=num_probes,
         k=k,
         seed=seed,
         rtol=rtol,
-        labels=("torch", "jax"),
+        labels=(owner.name, twin.name),
         progress=progress,
     )

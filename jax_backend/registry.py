@@ -99,7 +99,25 @@ class JaxBackend:
     def owns(self, model: Any) -> bool:
         return _is_nnx(model) or _is_linen_pair(model)
 
+    def parameter_names(self, model: Any) -> list[str]:
+        from ._data import path_name
+
+        if _is_nnx(model):
+            from flax import nnx
+
+            _, params, _ = nnx.split(model, nnx.Param, ...)
+            tree = nnx.to_pure_dict(params)
+            prefix = ""
+        elif _is_linen_pair(model):
+            tree, prefix = model[1]["params"], "params."
+        else:
+            raise TypeError(f"the jax backend does not own {type(model).__name__}")
+        paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return [prefix + path_name(path) for path, _ in paths]
+
     def hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Any:
+        import inspect
+
         from ._flax import from_linen, from_nnx
 
         options["dtype"] = jax_dtype(options.get("dtype"))
@@ -108,14 +126,37 @@ class JaxBackend:
                 "parameter blocks (params=) are not supported for Flax models yet; "
                 "analyse the whole model"
             )
-        for unsupported in ("method", "device", "check_deterministic"):
-            options.pop(unsupported, None)
         if _is_nnx(model):
-            return from_nnx(model, loss_fn, data, **options)
-        if _is_linen_pair(model):
-            module, variables = model
-            return from_linen(module, variables, loss_fn, data, **options)
-        raise TypeError(f"the jax backend does not own {type(model).__name__}")
+            build, args = from_nnx, (model, loss_fn, data)
+        elif _is_linen_pair(model):
+            build, args = from_linen, (model[0], model[1], loss_fn, data)
+        else:
+            raise TypeError(f"the jax backend does not own {type(model).__name__}")
+        accepted = set(inspect.signature(build).parameters)
+        unknown = sorted(k for k, v in options.items() if k not in accepted and v is not None)
+        if unknown:
+            raise TypeError(
+                f"the JAX backend has no option {', '.join(map(repr, unknown))} for a Flax "
+                f"model; it takes {', '.join(sorted(accepted - {'model', 'module', 'variables', 'loss', 'data'}))}"
+                " (method= and device= are PyTorch options: JAX runs one jitted "
+                "forward-over-reverse product on JAX's default device)"
+            )
+        return build(*args, **{k: v for k, v in options.items() if k in accepted})
+
+    def can_twin(self, model: Any) -> bool:
+        import sys
+
+        if "torch" not in sys.modules:  # a torch model cannot exist without torch imported
+            return False
+        import torch
+
+        return isinstance(model, torch.nn.Module)
+
+    def demo_problem(self, **options: Any) -> Any:
+        raise NotImplementedError(
+            "the demo of dualhess analyze is a PyTorch model (torch_backend.examples); "
+            "install the torch backend: pip install 'dualhess[torch]'"
+        )
 
     def twin_hessian(
         self,

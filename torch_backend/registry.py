@@ -29,11 +29,28 @@ class TorchBackend:
     def owns(self, model: Any) -> bool:
         return isinstance(model, torch.nn.Module)
 
+    def parameter_names(self, model: Any) -> list[str]:
+        return [name for name, p in model.named_parameters() if p.requires_grad]
+
     def hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Any:
         from ._hessian import hessian
 
         options["dtype"] = torch_dtype(options.get("dtype"))
         return hessian(model, loss_fn, data, **options)
+
+    def can_twin(self, model: Any) -> bool:
+        return False  # no PyTorch twin of a Flax model (the JAX backend twins torch models)
+
+    def twin_hessian(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> Any:
+        raise NotImplementedError(
+            f"the torch backend builds no twin of {type(model).__name__}: a Flax model is "
+            "analysed in JAX only"
+        )
+
+    def demo_problem(self, **options: Any) -> Any:
+        from .examples import demo_problem
+
+        return demo_problem(**options)
 
     def version_info(self) -> dict[str, str]:
         info = {"torch": torch.__version__}
