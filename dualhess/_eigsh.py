@@ -134,7 +134,7 @@ class _Krylov:
             return w, np.zeros(0)
         # numpy/torch: only the columns so far (a free view); jax: the whole fixed-shape
         # basis (zero beyond size), so that eager jax compiles once per shape.
-        V = self.V if self.op.framework == "jax" else self.V[:, : self.size]
+        V = self.V if self.op.fixed_shapes else self.V[:, : self.size]
         total = np.zeros(V.shape[1])
         for _ in range(2):
             h = V.T @ w
@@ -151,7 +151,7 @@ class _Krylov:
             extra = xp.zeros((self.op.n, grow), dtype=v.dtype, device=device(v))
             self.V = xp.concat([self.V, extra], axis=1)
             self.capacity += grow
-        if self.op.framework == "jax":
+        if self.op.fixed_shapes:
             self.V = xpx.at(self.V)[:, self.size].set(v)
         else:  # numpy/torch: in place (the basis is this object's own array)
             self.V[:, self.size] = v

@@ -135,7 +135,7 @@ def lanczos(
     eps = float(np.finfo(np.float32 if "32" in str(op.dtype) else np.float64).eps)
     scale = 0.0
 
-    fixed_shapes = op.framework == "jax"
+    fixed_shapes = op.fixed_shapes
     bar = progress_bar(progress, m, "lanczos", unit="steps")
     try:
         for j in range(m):
