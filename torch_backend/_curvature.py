@@ -181,9 +181,19 @@ class FisherOperator(TorchCurvatureOperator):
             x1 = tree_map(lambda a: a.unsqueeze(0) if isinstance(a, torch.Tensor) else a, x)
             return objective.loss_fn(objective.call({**fixed, **p}, x1), t.unsqueeze(0))
 
-        grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
-            self.selected, inputs, targets
-        )
+        try:
+            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
+                self.selected, inputs, targets
+            )
+        except RuntimeError as err:
+            if "random" not in str(err):
+                raise
+            raise ValueError(
+                "fisher: the forward pass draws random numbers (Dropout forced on, "
+                "torch.randn_like noise, stochastic depth), which per-sample gradients "
+                "(torch.func.vmap) refuse and which would make the Fisher a random matrix. "
+                "Make the randomness follow model.eval() (training=self.training)."
+            ) from err
         B = targets.shape[0]
         return torch.cat([grads[e.name].reshape(B, -1) for e in self.layout], dim=1)
 

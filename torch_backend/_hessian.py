@@ -61,8 +61,10 @@ SHARED_PARAMETERS = """\
         whole-data-set weighting. Default: the leading dimension of the targets (pairs) or of
         the batch's first tensor (closures; pytree order, i.e. a dict's insertion order).
     check_deterministic : bool
-        At construction, iterate the data twice and compare, and compare two products of
-        the same vector (default True). Costs one data pass and two products.
+        At construction, iterate the data twice and compare, evaluate the loss twice and
+        compare (a forward pass that draws random numbers: Dropout forced on, noise), and
+        compare two products of the same vector (default True). Costs two data passes and
+        two products.
 """
 
 
@@ -150,7 +152,33 @@ def build_objective(
     )
     objective = Objective(work, dataset, loss_fn=loss_fn, closure=options.closure)
     objective.loss_value = objective.total_loss({**fixed, **selected})
+    if options.check_deterministic:
+        _check_same_loss(objective, {**fixed, **selected}, where)
     return objective, layout, selected, fixed
+
+
+def _check_same_loss(objective: Objective, params: dict, where: str) -> None:
+    """A second evaluation of the whole-data-set loss must repeat the first (to rounding).
+
+    Products that reuse one autograd graph repeat its random draws, so comparing products
+    alone misses a forward that draws randomness; the loss itself is evaluated afresh.
+    """
+    first = objective.loss_value
+    second = objective.total_loss(params)
+    dtype = next(iter(params.values())).dtype if params else torch.float64
+    eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 2.0**-52
+    scale = max(abs(first), abs(second), 1e-300)
+    if not abs(first - second) <= eps**0.5 * scale:
+        raise ValueError(
+            f"{where}: the loss differs between two evaluations on the same data and "
+            f"parameters ({first!r} then {second!r}): the forward pass draws random numbers, "
+            "so every product would see a different function. Likely causes: Dropout called "
+            "as F.dropout(x, training=True), torch.randn_like/rand/bernoulli noise in "
+            "forward, stochastic depth (DropPath) that ignores self.training, random "
+            "augmentation inside the model, or non-deterministic kernels. Make the "
+            "randomness follow model.eval() (training=self.training), or pass "
+            "check_deterministic=False to skip this check."
+        )
 
 
 def build_operator(

@@ -93,8 +93,58 @@ def test_determinism_check_names_causes():
     X, y = digits(True)
     for method in ("func", "autograd"):
         batches = [(X[:64], y[:64]), (X[64:], y[64:])]
-        with pytest.raises(ValueError, match=r"differ.*shuffle=True.*Dropout.*deterministic"):
+        with pytest.raises(ValueError, match=r"loss differs.*randn_like.*check_deterministic"):
             tb.hessian(Noisy(), CE, batches, method=method)
+
+
+class _RandomForward(torch.nn.Module):
+    """A forward that draws randomness no layer-mode check can see (issue 13, point 5)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.first = torch.nn.Linear(3, 4)
+        self.second = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.kind == "noise":
+            x = x + 0.1 * torch.randn_like(x)
+        elif self.kind == "dropout":
+            x = torch.nn.functional.dropout(x, 0.5, training=True)
+        h = torch.tanh(self.first(x))
+        if self.kind == "stochastic_depth" and bool(torch.rand(()) < 0.5):
+            h = torch.zeros_like(h)  # the residual branch dropped: h + branch(h) -> h
+        return self.second(h + torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", ["noise", "dropout", "stochastic_depth"])
+def test_random_forward_is_refused(kind):
+    """The autograd engine reuses one graph, so its products repeated one draw: "auto" and
+    "autograd" built, and eigsh returned a number. The loss is now evaluated twice."""
+    torch.manual_seed(0)
+    X, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    model = _RandomForward(kind).double()
+    builders = {
+        "auto": lambda **k: tb.hessian(model, CE, (X, y), dtype=torch.float64, **k),
+        "autograd": lambda **k: tb.hessian(
+            model, CE, (X, y), dtype=torch.float64, method="autograd", **k
+        ),
+        "ggn": lambda **k: tb.ggn(model, CE, (X, y), dtype=torch.float64, **k),
+        "fisher": lambda **k: tb.fisher(model, CE, (X, y), dtype=torch.float64, **k),
+    }
+    for name, build in builders.items():
+        torch.manual_seed(1)  # stochastic depth: both draws kept and dropped in 10 tries
+        for _ in range(10):
+            try:
+                build()
+            except ValueError as err:
+                assert "loss differs between two evaluations" in str(err), name
+                assert "check_deterministic=False" in str(err)
+                break
+        else:
+            raise AssertionError(f"{name}: a random forward was accepted ({kind})")
+    op = tb.hessian(model, CE, (X, y), dtype=torch.float64, check_deterministic=False)
+    assert op.n == 26  # the check can be skipped
 
 
 def test_device_and_dtype_mismatch():
