@@ -5,40 +5,26 @@ Peak memory of ``matmat`` is about ``chunk_size`` times that of one Hessian-vect
 *measured*: one product of 1 column and one of 2 columns, their peak memory above the baseline
 (``torch.cuda.max_memory_allocated`` on CUDA; the process's resident-set high-water mark,
 reset through ``/proc/self/clear_refs``, on the CPU under Linux). The chunk is then
-``(free - fixed) / per_column`` with 20% head-room, at least 1 and at most ``n``.
+``(free - fixed) / per_column`` with 20% head-room, at least 1 and at most ``n``
+(:func:`dualhess._memory.chunk_for_memory`, shared with the JAX backend).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from dualhess._memory import chunk_for_memory, host_available_memory
+
 __all__ = ["auto_chunk_size", "free_memory", "resolve_auto_chunk"]
-
-_HEADROOM = 0.8
-
-
-def _meminfo(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def free_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: MemAvailable)."""
+    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: the host's MemAvailable)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    available = _meminfo("MemAvailable")
-    if available is None:  # pragma: no cover - not Linux
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(available)
+    return host_available_memory()
 
 
 def _rss_peak_reset() -> bool:
@@ -92,13 +78,10 @@ def auto_chunk_size(op: Any, *, max_chunk: int | None = None) -> int:
     product(V[:, :1])  # warm-up: caches, lazily built graphs
     one = _peak_of(product, V[:, :1], device)
     two = _peak_of(product, V, device)
-    vector = n * V.element_size()
-    per_column = max(two - one, 4 * vector)  # never below a few vectors of n
-    fixed = max(one - per_column, 0)
-    budget = _HEADROOM * free_memory(device) - fixed
-    chunk = int(budget // per_column)
-    upper = n if max_chunk is None else min(n, max_chunk)
-    return max(1, min(chunk, upper))
+    return chunk_for_memory(
+        one=one, two=two, free=free_memory(device), vector_bytes=n * V.element_size(), n=n,
+        max_chunk=max_chunk,
+    )
 
 
 def resolve_auto_chunk(op: Any, chunk_size: Any) -> None:
