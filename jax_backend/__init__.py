@@ -28,6 +28,7 @@ from ._hessian import (
     hessian,
     reduce_loss,
 )
+from ._input import InputHessianOperator, input_hessian
 from .monitor import HessianMonitor
 
 __all__ = [
@@ -49,4 +50,6 @@ __all__ = [
     "prepare_data",
     "reduce_loss",
     "DEFAULT_DENSE_HESSIAN_LIMIT",
+    "input_hessian",
+    "InputHessianOperator",
 ]
