@@ -125,44 +125,9 @@ class LossLandscape(Result):
         -------
         matplotlib.figure.Figure
         """
-        import matplotlib.pyplot as plt
+        from ._plotting import plot_landscape
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(5.0, 3.6 if self.ndim == 1 else 4.2))
-        else:
-            fig = ax.figure
-        names = self._axis_names()
-        if self.ndim == 1:
-            ax.plot(self.offsets[0], self.values, marker="o", ms=2.5, label=label)
-            ax.set_xlabel(names[0])
-            ax.set_ylabel("loss")
-            if label is not None:
-                ax.legend()
-        else:
-            A, B = np.meshgrid(self.offsets[0], self.offsets[1], indexing="ij")
-            filled = ax.contourf(A, B, self.values, levels=levels, cmap="viridis")
-            ax.contour(A, B, self.values, levels=levels, colors="k", linewidths=0.3)
-            fig.colorbar(filled, ax=ax, label="loss")
-            ax.plot([0.0], [0.0], marker="x", color="w", ms=8, label=r"$\theta$")
-            ax.set_xlabel(names[0])
-            ax.set_ylabel(names[1])
-        kinds = {"eigen": "top Hessian eigenvectors", "random": "filter-normalised random "
-                 "directions", "given": "given directions"}
-        ax.set_title(f"loss along {kinds.get(self.kind, self.kind)}")
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
-        return fig
-
-    def _axis_names(self) -> list[str]:
-        out = []
-        for i in range(self.ndim):
-            if self.kind == "eigen" and self.eigenvalues is not None:
-                out.append(rf"offset along $v_{i + 1}$ ($\lambda_{i + 1}$ = "
-                           f"{self.eigenvalues[i]:.4g})")
-            else:
-                out.append(f"offset along direction {i + 1}")
-        return out
+        return plot_landscape(self, path, ax=ax, label=label, levels=levels)
 
 
 def filter_normalized_direction(
@@ -223,12 +188,15 @@ def _parameters(op: Operator, params: Any) -> np.ndarray:
     return out
 
 
-def _given(directions: Any, n: int) -> list[np.ndarray]:
+def _given(directions: Any, n: int, dims: int) -> list[np.ndarray]:
     if isinstance(directions, Eigen):
-        directions = directions.vectors
-        if directions is None:
+        if directions.vectors is None:
             raise ValueError("loss_landscape: the Eigen result has no vectors "
                              "(computed with return_vectors=False)")
+        if directions.vectors.shape[1] < dims:
+            raise ValueError(f"loss_landscape: dims={dims} but the Eigen result holds "
+                             f"{directions.vectors.shape[1]} vector(s)")
+        directions = directions.vectors[:, :dims]
     if isinstance(directions, (list, tuple)):
         vecs = [np.asarray(to_numpy(d), dtype=np.float64).reshape(-1) for d in directions]
     else:
@@ -268,9 +236,9 @@ def loss_landscape(
         ``None`` / ``"eigen"`` (default): the top ``dims`` eigenvectors (unit vectors,
         :func:`dualhess.eigsh`, ``which="LA"``). ``"random"``: ``dims`` filter-normalised
         Gaussian directions (Li et al. 2018; :func:`filter_normalized_direction`, using
-        ``op.layout`` and ``op.params_flat``). An :class:`~dualhess.Eigen` result (its first
-        one or two vectors), an ``(n,)`` or ``(n, 2)`` array, or a list of one or two flat
-        vectors: used as given, in the operator's flat order.
+        ``op.layout`` and ``op.params_flat``). An :class:`~dualhess.Eigen` result: its first
+        ``dims`` vectors, in its order. An ``(n,)`` or ``(n, 2)`` array, or a list of one or
+        two flat vectors: used as given, in the operator's flat order.
     radius : float
         Offsets run over ``[-radius, radius]`` in units of the directions.
     num_points : int
@@ -357,7 +325,10 @@ def loss_landscape(
                          f"Eigen result or arrays, got {directions!r}")
     else:
         kind = "given"
-        vecs = _given(directions, op.n)
+        vecs = _given(directions, op.n, dims)
+        if isinstance(directions, Eigen):
+            kind = "eigen"
+            eigenvalues = tuple(float(v) for v in np.asarray(directions.values)[:len(vecs)])
     spent = op.num_matvecs - before
     grid = np.linspace(-float(radius), float(radius), points)
     shape = (points,) * len(vecs)

@@ -20,6 +20,9 @@ __all__ = [
     "plot_history",
     "plot_report_density",
     "plot_report_eigenvalues",
+    "plot_report_landscape",
+    "plot_landscape",
+    "plot_per_layer_densities",
 ]
 
 
@@ -135,9 +138,24 @@ def plot_per_layer(spectra: Any, path: Any = None, *, axes: Any = None) -> Any:
     return fig
 
 
-def plot_history(tracker: Any, path: Any = None, *, axes: Any = None) -> Any:
+_METRIC_LABELS = {
+    "top_eigenvalue": ("top eigenvalue (sharpness)", r"$\lambda_{\max}$"),
+    "trace": ("trace", "trace"),
+    "gradient_overlap": ("gradient overlap with the top eigenspace",
+                         r"$\|P_k g\|^2 / \|g\|^2$"),
+}
+
+
+def plot_history(tracker: Any, path: Any = None, *, axes: Any = None,
+                 reference: float | None = None, reference_label: str | None = None) -> Any:
     """Plot a monitor's history (a :class:`~dualhess._tracking.SpectrumTracker`): one panel
-    per metric, the trace with a +-2 stderr band; saves to ``path`` when given."""
+    per metric, the trace with a +-2 stderr band; saves to ``path`` when given.
+
+    ``reference`` draws a horizontal line on the top-eigenvalue panel, e.g. ``2 / lr``: the
+    sharpness above which gradient descent with step ``lr`` is unstable on a quadratic, the
+    edge of stability (Cohen et al. 2021, https://arxiv.org/abs/2103.00065). Its legend
+    label is ``reference_label`` (default ``2/eta = <value>``).
+    """
     plt = pyplot()
 
     if not tracker.history:
@@ -150,13 +168,114 @@ def plot_history(tracker: Any, path: Any = None, *, axes: Any = None) -> Any:
     for ax, metric in zip(axes, tracker.metrics):
         steps = [r["step"] for r in tracker.history if metric in r]
         vals = np.array(tracker.values(metric))
-        ax.plot(steps, vals, marker="o", ms=3)
+        title, ylabel = _METRIC_LABELS.get(metric, (metric, metric))
+        ax.plot(steps, vals, marker="o", ms=3, label="measured")
         if metric == "trace":
             err = 2 * np.array([r["trace_stderr"] for r in tracker.history if metric in r])
-            ax.fill_between(steps, vals - err, vals + err, alpha=0.25)
-        ax.set_xlabel("step")
-        ax.set_title("top eigenvalue" if metric == "top_eigenvalue" else "trace")
+            ax.fill_between(steps, vals - err, vals + err, alpha=0.25, label="+-2 stderr")
+        if metric == "top_eigenvalue" and reference is not None:
+            text = reference_label or rf"$2/\eta$ = {float(reference):.4g}"
+            ax.axhline(float(reference), color="C3", ls="--", lw=1.4, label=text)
+        if metric == "gradient_overlap":
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path)
+    return fig
+
+
+def plot_landscape(landscape: Any, path: Any = None, *, ax: Any = None,
+                   label: str | None = None, levels: int = 20) -> Any:
+    """Draw a :class:`~dualhess.LossLandscape`: a line (1-D) or filled contours (2-D)."""
+    plt = pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.0, 3.6 if landscape.ndim == 1 else 4.2))
+    else:
+        fig = ax.figure
+    names = []
+    for i in range(landscape.ndim):
+        if landscape.kind == "eigen" and landscape.eigenvalues is not None:
+            names.append(rf"offset along $v_{i + 1}$ ($\lambda_{i + 1}$ = "
+                         f"{landscape.eigenvalues[i]:.4g})")
+        else:
+            names.append(f"offset along direction {i + 1}")
+    if landscape.ndim == 1:
+        ax.plot(landscape.offsets[0], landscape.values, marker="o", ms=2.5, label=label)
+        ax.set_xlabel(names[0])
+        ax.set_ylabel("loss")
+        if label is not None:
+            ax.legend()
+    else:
+        A, B = np.meshgrid(landscape.offsets[0], landscape.offsets[1], indexing="ij")
+        filled = ax.contourf(A, B, landscape.values, levels=levels, cmap="viridis")
+        ax.contour(A, B, landscape.values, levels=levels, colors="k", linewidths=0.3)
+        fig.colorbar(filled, ax=ax, label="loss")
+        ax.plot([0.0], [0.0], marker="x", color="w", ms=8, ls="none", label=r"$\theta$")
+        ax.legend(loc="upper right", fontsize="small")
+        ax.set_xlabel(names[0])
+        ax.set_ylabel(names[1])
+    kinds = {"eigen": "the top Hessian eigenvectors", "random": "filter-normalised random "
+             "directions", "given": "the given directions"}
+    ax.set_title(f"loss along {kinds.get(landscape.kind, landscape.kind)}")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_report_landscape(series: Sequence[tuple[str, dict[str, Any]]], path: Path,
+                          title: str) -> None:
+    """The report's ``landscape.png``: each framework's 1-D slice along its top eigenvector."""
+    plt = pyplot(headless=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = [("-", "o"), ("--", "x"), (":", "s"), ("-.", "+")]
+    eigenvalue = None
+    for i, (label, land) in enumerate(series):
+        line, marker = styles[i % len(styles)]
+        ax.plot(np.asarray(land["offsets"][0]), np.asarray(land["values"]), line,
+                marker=marker, ms=4, mfc="none", lw=1.5, label=label)
+        if land.get("eigenvalues"):
+            eigenvalue = land["eigenvalues"][0]
+    ax.set_xlabel(r"offset $t$ along the top eigenvector $v_1$"
+                  + (rf" ($\lambda_1$ = {eigenvalue:.4g})" if eigenvalue is not None else ""))
+    ax.set_ylabel(r"loss $L(\theta + t v_1)$")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_layer_densities(spectra: Any, path: Any = None, *, log: bool = True) -> Any:
+    """One figure of stacked SLQ densities, one row per block of a
+    :class:`~dualhess.PerLayerSpectra` computed with ``density=True``, on a common x-axis."""
+    plt = pyplot()
+    layers = [layer for layer in spectra.layers if layer.density is not None]
+    if not layers:
+        raise ValueError("no block densities: compute them with per_layer_spectra(op, "
+                         "density=True)")
+    fig, axes = plt.subplots(len(layers), 1, sharex=True, squeeze=False,
+                             figsize=(6.4, 1.1 + 1.25 * len(layers)))
+    for i, (ax, layer) in enumerate(zip(axes[:, 0], layers)):
+        dens = layer.density
+        values = np.maximum(dens.values, 1e-300) if log else dens.values
+        ax.plot(dens.grid, values, color=f"C{i % 10}", lw=1.3)
+        ax.fill_between(dens.grid, values, 1e-300 if log else 0.0, color=f"C{i % 10}",
+                        alpha=0.2)
+        if log:
+            top = float(np.max(dens.values)) if len(dens.values) else 1.0
+            ax.set_yscale("log")
+            ax.set_ylim(max(top * 1e-6, 1e-300), top * 3)
+        ax.set_ylabel("density", fontsize="small")
+        ax.text(0.99, 0.85, f"{layer.name} (n = {layer.size})", transform=ax.transAxes,
+                ha="right", va="top", fontsize="small")
+    axes[-1, 0].set_xlabel("eigenvalue")
+    axes[0, 0].set_title("Hessian eigenvalue density of each block (SLQ)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
     return fig

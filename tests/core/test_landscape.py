@@ -54,8 +54,9 @@ def test_one_dimensional_slice_along_top_eigenvector_is_the_parabola():
 def test_two_dimensional_slice_matches_direct_evaluations():
     op, lam, _ = quadratic(1)
     eig = dualhess.eigsh(op, k=2, tol=1e-12, seed=3)
-    land = loss_landscape(op, eig, radius=0.5, num_points=5)
-    assert land.kind == "given" and land.values.shape == (5, 5)
+    land = loss_landscape(op, eig, dims=2, radius=0.5, num_points=5)
+    assert land.kind == "eigen" and land.values.shape == (5, 5)
+    assert land.eigenvalues == pytest.approx(tuple(eig.values), rel=1e-15)
     theta = np.asarray(op.params_flat)
     d1, d2 = np.asarray(eig.vectors[:, 0]), np.asarray(eig.vectors[:, 1])
     for i, a in enumerate(land.offsets[0]):
@@ -145,7 +146,7 @@ def test_torch_slices_against_direct_loss_evaluations():
     assert land.center_loss == op.loss
     assert land.curvature()[0] == pytest.approx(lam[0], rel=1e-6)
     eig = dualhess.eigsh(op, k=2, tol=1e-12, seed=1)
-    two = loss_landscape(op, eig, radius=0.5, num_points=3)
+    two = loss_landscape(op, eig, dims=2, radius=0.5, num_points=3)
     V = eig.vectors.numpy()
     for (i, j) in [(0, 0), (0, 2), (2, 1)]:
         delta = two.offsets[0][i] * V[:, 0] + two.offsets[1][j] * V[:, 1]
