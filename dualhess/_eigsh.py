@@ -162,7 +162,8 @@ class _Krylov:
         self.expanded = np.append(self.expanded, False)
 
     def add_vector(self, z: Any) -> bool:
-        """Append ``z`` orthonormalised against the basis; False when it adds no direction."""
+        """Append ``z`` orthonormalised against the basis; False when it adds no direction
+        (the space is full, or ``z`` lies in the span of the basis to rounding)."""
         if self.size >= self.op.n:
             return False
         if self.xp is None:
@@ -170,8 +171,9 @@ class _Krylov:
         z0 = safe_norm(z, self.xp)
         z, _ = self._orthogonalize(z)
         norm = safe_norm(z, self.xp)
-        if not norm > 1e-3 * math.sqrt(self.eps) * z0:
+        if not (norm > 1e-3 * math.sqrt(self.eps) * z0 or (self.size == 0 and norm > 0)):
             return False
+        # A second pass after normalising keeps a small remainder orthogonal.
         z = z / norm
         if self.size:
             z, _ = self._orthogonalize(z)
@@ -181,25 +183,11 @@ class _Krylov:
 
     def add_random(self) -> bool:
         """Append a random unit vector orthogonal to the basis; False when the space is full."""
-        n = self.op.n
-        if self.size >= n:
+        if self.size >= self.op.n:
             return False
-        for _ in range(3):
-            z = self.op.asarray(self.rng.standard_normal(n))
-            if self.xp is None:
-                self.xp = array_namespace(z)
-            z0 = safe_norm(z, self.xp)
-            z, _ = self._orthogonalize(z)
-            norm = safe_norm(z, self.xp)
-            if norm > 1e-3 * math.sqrt(self.eps) * z0 or self.size == 0:
-                # A second pass after normalising keeps a small remainder orthogonal.
-                z = z / norm
-                if self.size:
-                    z, _ = self._orthogonalize(z)
-                    z = z / safe_norm(z, self.xp)
-                self._append(z)
-                return True
-        return False
+        return any(
+            self.add_vector(self.op.asarray(self.rng.standard_normal(self.op.n))) for _ in range(3)
+        )
 
     def mix_unexpanded(self) -> None:
         """Rotate the unexpanded directions by a random orthogonal matrix.
