@@ -267,3 +267,28 @@ def test_errors_and_refusals():
         tb.hessian(model, data=Reshuffled(), closure=own_loss)
     with pytest.raises(ValueError, match="batch_size"):
         tb.hessian(model, data=[{"x": torch.tensor(1.0, dtype=DT)}], closure=lambda m, b: b["x"])
+
+
+# ---------------------------------------------------------------------- docs/losses.md runs
+def _doc_blocks():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "losses.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_doc_blocks())))
+def test_losses_doc_examples_run(index, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = _doc_blocks()[index]
+    if "import jax" in code:
+        pytest.importorskip("jax")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "False" not in proc.stdout, proc.stdout
