@@ -158,7 +158,7 @@ def from_linen(
     -------
     PytreeOperator
         A :class:`jax_backend.HessianOperator` or :class:`jax_backend.GGNOperator`;
-        ``op.layout`` names are ``"params/<path>"``, ``op.unravel(v)`` returns a
+        ``op.layout`` names are ``"params.<path>"``, ``op.unravel(v)`` returns a
         ``params`` pytree.
 
     Examples
@@ -170,7 +170,7 @@ def from_linen(
     >>> variables = model.init(jax.random.key(0), x)
     >>> op = from_linen(model, variables, optax.softmax_cross_entropy_with_integer_labels, (x, y))
     >>> op.n, op.layout.names
-    (9, ['params/bias', 'params/kernel'])
+    (9, ['params.bias', 'params.kernel'])
     """
     import flax
 
@@ -206,7 +206,7 @@ def from_linen(
             data,
             chunk_size,
             dtype,
-            "params/",
+            "params.",
             "from_linen",
             check_deterministic,
         )
@@ -259,7 +259,7 @@ def from_nnx(
     Returns
     -------
     PytreeOperator
-        ``op.layout`` names are the state paths (``"linear/kernel"``);
+        ``op.layout`` names are the state paths (``"linear.kernel"``);
         ``op.unravel(v)`` returns a pure dict, usable with ``nnx.replace_by_pure_dict``.
 
     Examples
@@ -285,7 +285,7 @@ def from_nnx(
     rest = _cast_state(rest, _analysis_dtype(pure, dtype))
     state_paths, state_def = jax.tree_util.tree_flatten_with_path(param_state)
     pure_paths = jax.tree_util.tree_flatten_with_path(pure)[0]
-    state_names = [path_name(p).removesuffix("/value") for p, _ in state_paths]
+    state_names = [path_name(p).removesuffix(".value") for p, _ in state_paths]
     pure_names = [path_name(p) for p, _ in pure_paths]
     if state_names != pure_names:  # pragma: no cover - guards a Flax internals change
         raise RuntimeError(

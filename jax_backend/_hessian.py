@@ -2,7 +2,7 @@
 
 The parameter pytree is flattened with :func:`jax.flatten_util.ravel_pytree`; the operator
 acts on flat jax vectors of length ``n`` (the number of parameters) and keeps the explicit
-parameter map in ``op.layout`` (leaf path names such as ``"params/Dense_0/kernel"`` in
+parameter map in ``op.layout`` (leaf path names such as ``"params.Dense_0.kernel"`` in
 ravel order). ``op.unravel(flat)`` and ``op.ravel(tree)`` go between the two forms.
 
 A product over the whole data set is one compiled function: for every group of equally
@@ -33,9 +33,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dualhess._errors import LossUnavailableError
+from dualhess._memory import chunk_for_memory
 from dualhess._operator import Operator, OperatorError, ParamLayout
 
 from ._data import Dataset, path_name, prepare_data, x64_enabled
+from ._memory import free_device_memory
 
 __all__ = [
     "PytreeOperator",
@@ -146,17 +148,7 @@ def _group_length(group: Any) -> int:
 
 
 def _free_device_memory() -> int:
-    stats = jax.devices()[0].memory_stats()
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return 2**31  # pragma: no cover
+    return free_device_memory()  # looked up here at call time, so tests can patch it
 
 
 def _count_random_draws(jaxpr: Any) -> int:
@@ -281,11 +273,10 @@ class PytreeOperator(Operator):
                 return 4 * self.n * k * jnp.dtype(self.dtype).itemsize
             return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
 
-        one, two = bytes_for(1), bytes_for(2)
-        per_column = max(two - one, 4 * self.n * jnp.dtype(self.dtype).itemsize)
-        fixed = max(one - per_column, 0)
-        budget = 0.8 * _free_device_memory() - fixed
-        return int(max(1, min(self.n, budget // per_column)))
+        return chunk_for_memory(
+            one=bytes_for(1), two=bytes_for(2), free=_free_device_memory(),
+            vector_bytes=self.n * jnp.dtype(self.dtype).itemsize, n=self.n,
+        )
 
     # -- to be provided by subclasses
     def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:

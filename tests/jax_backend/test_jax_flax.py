@@ -98,7 +98,7 @@ def test_linen_mlp_matches_dense_hessian(digits_flat, linen_mlp):
     module, variables = linen_mlp
     flat, dense = reference_hessian(mlp_forward("Dense_0", "Dense_1"), variables["params"], x, y)
     op = from_linen(module, variables, cross_entropy, batches_of(x, y))
-    names = [f"params/Dense_{i}/{leaf}" for i in (0, 1) for leaf in ("bias", "kernel")]
+    names = [f"params.Dense_{i}.{leaf}" for i in (0, 1) for leaf in ("bias", "kernel")]
     check_operator(op, flat, dense, names)
 
 
@@ -107,8 +107,8 @@ def test_linen_cnn_matches_dense_hessian(digits_image):
     module, variables = linen_model("cnn", param_dtype=F64)
     flat, dense = reference_hessian(cnn_forward("Conv_0", "Dense_0"), variables["params"], x, y)
     op = from_linen(module, variables, cross_entropy, batches_of(x, y))
-    names = ["params/Conv_0/bias", "params/Conv_0/kernel", "params/Dense_0/bias"]
-    check_operator(op, flat, dense, [*names, "params/Dense_0/kernel"])
+    names = ["params.Conv_0.bias", "params.Conv_0.kernel", "params.Dense_0.bias"]
+    check_operator(op, flat, dense, [*names, "params.Dense_0.kernel"])
 
 
 def test_nnx_mlp_matches_dense_hessian(digits_flat):
@@ -117,7 +117,7 @@ def test_nnx_mlp_matches_dense_hessian(digits_flat):
     params = pure_params(model)
     flat, dense = reference_hessian(mlp_forward("linear1", "linear2"), params, x, y)
     op = from_nnx(model, cross_entropy, batches_of(x, y))
-    names = [f"linear{i}/{leaf}" for i in (1, 2) for leaf in ("bias", "kernel")]
+    names = [f"linear{i}.{leaf}" for i in (1, 2) for leaf in ("bias", "kernel")]
     check_operator(op, flat, dense, names)
 
 
@@ -126,7 +126,7 @@ def test_nnx_cnn_matches_dense_hessian(digits_image, nnx_cnn):
     model = nnx_cnn
     flat, dense = reference_hessian(cnn_forward("conv", "linear"), pure_params(model), x, y)
     op = from_nnx(model, cross_entropy, batches_of(x, y))
-    check_operator(op, flat, dense, ["conv/bias", "conv/kernel", "linear/bias", "linear/kernel"])
+    check_operator(op, flat, dense, ["conv.bias", "conv.kernel", "linear.bias", "linear.kernel"])
 
 
 def test_linen_batchnorm_runs_in_inference_mode(digits_flat):
@@ -139,8 +139,8 @@ def test_linen_batchnorm_runs_in_inference_mode(digits_flat):
     forward = mlp_forward("Dense_0", "Dense_1", norm="BatchNorm_0", stats=stats)
     flat, dense = reference_hessian(forward, variables["params"], x, y)
     op = from_linen(module, variables, cross_entropy, batches_of(x, y))  # train=False detected
-    names = ["params/BatchNorm_0/bias", "params/BatchNorm_0/scale"]
-    names += [f"params/Dense_{i}/{leaf}" for i in (0, 1) for leaf in ("bias", "kernel")]
+    names = ["params.BatchNorm_0.bias", "params.BatchNorm_0.scale"]
+    names += [f"params.Dense_{i}.{leaf}" for i in (0, 1) for leaf in ("bias", "kernel")]
     check_operator(op, flat, dense, names)
     explicit = from_linen(module, variables, cross_entropy, (x, y), apply_kwargs={"train": False})
     v = op.asarray(np.random.default_rng(1).standard_normal(op.n))
@@ -160,8 +160,8 @@ def test_nnx_batchnorm_eval_on_a_copy_leaves_the_model_alone(digits_flat):
     forward = mlp_forward("linear1", "linear2", norm="norm", stats=stats)
     flat, dense = reference_hessian(forward, params, x, y)
     op = from_nnx(model, cross_entropy, batches_of(x, y))
-    names = [f"linear{i}/{leaf}" for i in (1, 2) for leaf in ("bias", "kernel")]
-    check_operator(op, flat, dense, [*names, "norm/bias", "norm/scale"])
+    names = [f"linear{i}.{leaf}" for i in (1, 2) for leaf in ("bias", "kernel")]
+    check_operator(op, flat, dense, [*names, "norm.bias", "norm.scale"])
     assert model.norm.use_running_average is False  # still in training mode
     after = jax.tree_util.tree_map(np.array, nnx.to_pure_dict(nnx.state(model)))
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
@@ -268,3 +268,21 @@ def test_nnx_float32_batch_stats_follow_a_float64_analysis():
     assert relative_error(op.to_dense(), dense) <= 1e-12
     assert model.norm.mean.value.dtype == jnp.float32  # the user's model is not changed
     assert model.running.value.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_per_layer_table_has_one_row_per_flax_layer(digits_flat, kind):
+    # Layout names use PyTorch's "." separator, so grouping by layer sees layers, not tensors.
+    from dualhess import per_layer_spectra
+
+    x, y = digits_flat
+    if kind == "linen":
+        module, variables = linen_model("mlp", param_dtype=F64)
+        op = from_linen(module, variables, cross_entropy, batches_of(x, y))
+        expected = ["params.Dense_0", "params.Dense_1"]
+    else:
+        op = from_nnx(nnx_model("mlp", param_dtype=F64), cross_entropy, batches_of(x, y))
+        expected = ["linear1", "linear2"]
+    spectra = per_layer_spectra(op, include_total=False, trace_matvecs=4, seed=0)
+    assert [layer.name for layer in spectra.layers] == expected
+    assert all(len(layer.params) == 2 for layer in spectra.layers)  # kernel and bias together
