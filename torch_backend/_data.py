@@ -378,6 +378,11 @@ class Dataset:
                 "the operator needs the same data in every product"
             )
 
+    @property
+    def num_batches(self) -> int:
+        """How many (local) batches the data hold."""
+        return len(self.batch_sizes)
+
     def weight(self, size: int) -> float:
         """Weight of a batch of ``size`` samples in the whole-data-set loss."""
         return size / self.num_samples if self.reduction == "mean" else 1.0

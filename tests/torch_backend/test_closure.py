@@ -80,6 +80,11 @@ def test_poisson_pinn_matches_dense_and_auto_picks_autograd():
                    .to_dense(), H) <= 1e-10
     with pytest.raises(RuntimeError, match="method='func' cannot differentiate this closure"):
         tb.hessian(model, data=batch, closure=poisson_closure, method="func")
+    # the loss and its gradient at theta (loss landscapes, gradient overlaps) take closures too
+    params = list(model.parameters())
+    grad = torch.autograd.grad(poisson_closure(model, batch), params, materialize_grads=True)
+    assert rel(op.gradient(), torch.cat([g.reshape(-1) for g in grad])) <= 1e-12
+    assert op.loss_at(torch.zeros(op.n, dtype=DT)) == op.loss
 
 
 def _poisson_by_hand(model, params, batch):
