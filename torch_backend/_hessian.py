@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten
 
 import dualhess
 
@@ -151,10 +152,79 @@ def build_objective(
         check_deterministic=options.check_deterministic,
     )
     objective = Objective(work, dataset, loss_fn=loss_fn, closure=options.closure)
-    objective.loss_value = objective.total_loss({**fixed, **selected})
+    _check_finite_parameters({**fixed, **selected}, where)
+    try:
+        objective.loss_value = objective.total_loss({**fixed, **selected})
+    except (IndexError, RuntimeError, ValueError) as err:
+        _explain_loss_failure(err, objective, {**fixed, **selected}, where)
+        raise
+    _check_loss_has_gradient(objective, selected, fixed, where)
     if options.check_deterministic:
         _check_same_loss(objective, {**fixed, **selected}, where)
     return objective, layout, selected, fixed
+
+
+def _check_finite_parameters(params: dict, where: str) -> None:
+    """Refuse NaN/Inf in the parameters or buffers (the products would be NaN, or worse not)."""
+    bad = [
+        name
+        for name, value in params.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.device.type != "meta"
+        and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{where}: parameters contain NaN or Inf: {bad[:5]}; the curvature at non-finite "
+            "weights is undefined (a diverged run? analyse an earlier checkpoint)"
+        )
+
+
+def _check_loss_has_gradient(objective: Objective, selected: dict, fixed: dict, where: str) -> None:
+    """The loss of the first batch must depend on the selected parameters through autograd."""
+    leaves = {name: value.detach().requires_grad_(True) for name, value in selected.items()}
+    _, batch = next(iter(objective.dataset.batches()))
+    with torch.enable_grad():
+        loss = objective.batch_loss({**fixed, **leaves}, batch)
+    if isinstance(loss, torch.Tensor) and not loss.requires_grad:
+        raise ValueError(
+            f"{where}: the loss has no gradient in the selected parameters (it carries no "
+            "autograd graph), so its curvature is not defined: the loss detaches the outputs "
+            "(.detach(), .item(), numpy, argmax/accuracy) or runs under torch.no_grad(), or "
+            "params= selects parameters the loss does not use. Return a differentiable loss."
+        )
+
+
+def _explain_loss_failure(err: Exception, objective: Objective, params: dict, where: str) -> None:
+    """Turn a raw framework error of the first loss evaluation into one that says what to do
+    (mismatched batch sizes, class labels out of range); otherwise return (re-raised as is)."""
+    if objective.is_closure or str(err).startswith(("the loss is", "loss_fn must")):
+        return
+    for index, (_, (inputs, targets)) in enumerate(objective.dataset.batches()):
+        if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
+            continue
+        leaves = [x for x in tree_flatten(inputs)[0] if isinstance(x, torch.Tensor) and x.ndim]
+        sizes = sorted({int(x.shape[0]) for x in leaves})
+        if sizes and sizes != [int(targets.shape[0])]:
+            raise ValueError(
+                f"{where}: batch {index} pairs inputs of batch size {sizes} with "
+                f"{int(targets.shape[0])} targets: every input needs its target (the leading "
+                "dimensions must agree). Check how the batches are built, e.g. "
+                "DataLoader(TensorDataset(X, y))."
+            ) from err
+        if isinstance(err, IndexError) and not targets.is_floating_point():
+            with torch.no_grad():
+                outputs = objective.call(params, inputs)
+            classes = int(outputs.shape[1]) if getattr(outputs, "ndim", 0) >= 2 else None
+            low, high = int(targets.min()), int(targets.max())
+            if classes is not None and (low < 0 or high >= classes):
+                raise ValueError(
+                    f"{where}: class labels out of range in batch {index}: the targets run "
+                    f"from {low} to {high}, but the model has {classes} outputs, so labels "
+                    f"must lie in [0, {classes - 1}]. Check for 1-based labels or an output "
+                    f"layer smaller than the label set. The loss said: {err}"
+                ) from err
 
 
 def _check_same_loss(objective: Objective, params: dict, where: str) -> None:
