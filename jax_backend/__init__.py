@@ -16,15 +16,14 @@ Examples
 from __future__ import annotations
 
 from ._convert import Twin, UnsupportedOpError, batch_from_torch, from_torch, loss_from_torch
+from ._curvature import GGNOperator, ggn
 from ._data import Dataset, prepare_data
 from ._flax import from_linen, from_nnx
 from ._hessian import (
     DEFAULT_DENSE_HESSIAN_LIMIT,
-    GGNOperator,
     HessianOperator,
     PytreeOperator,
     dense_hessian,
-    ggn,
     hessian,
     reduce_loss,
 )

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._curvature import GGNOperator
 from ._data import path_name, x64_enabled
-from ._hessian import GGNOperator, HessianOperator, PytreeOperator, reduce_loss
+from ._hessian import HessianOperator, PytreeOperator, reduce_loss
 
 __all__ = ["from_linen", "from_nnx", "inference_kwargs"]
 

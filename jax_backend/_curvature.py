@@ -1,0 +1,153 @@
+"""Curvature matrices other than the Hessian for JAX: the generalised Gauss-Newton matrix.
+
+``GGNOperator`` / :func:`ggn` build ``G = J^T H_L J`` from ``apply_fn(params, inputs)`` and a
+loss of the outputs, on the same base class as the Hessian (:class:`PytreeOperator`: the
+whole-data-set weighting, chunking, sharding, the loss at a point). The torch backend's
+counterpart is ``torch_backend/_curvature.py`` (GGN and Fisher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from ._hessian import PytreeOperator, _batch_size, reduce_loss
+
+__all__ = ["GGNOperator", "ggn"]
+
+
+class GGNOperator(PytreeOperator):
+    """The generalised Gauss-Newton matrix ``J^T H_L J`` over the data; see :func:`ggn`."""
+
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, Any], Any],
+        loss: Callable[[Any, Any], Any],
+        params: Any,
+        data: Any,
+        *,
+        chunk_size: int | None = None,
+        dtype: Any = None,
+        prefix: str = "",
+        check_deterministic: bool = True,
+    ) -> None:
+        if not callable(apply_fn) or not callable(loss):
+            raise TypeError("ggn: apply_fn and loss must be callable")
+        self.apply_fn = apply_fn
+        self.loss = loss
+        super().__init__(
+            params,
+            data,
+            chunk_size=chunk_size,
+            dtype=dtype,
+            where="ggn",
+            prefix=prefix,
+            check_deterministic=check_deterministic,
+        )
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                "ggn: every batch must be a pair (inputs, targets); got a "
+                f"{type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        return batch[0], batch[1]
+
+    def _check_batch_function(self) -> None:
+        inputs, targets = self._split(self.dataset.first)
+        size = _batch_size(self.dataset.first)
+
+        def loss_of_params(flat_params: jax.Array) -> jax.Array:
+            outputs = self.apply_fn(self._unravel_fn(flat_params), inputs)
+            return reduce_loss(self.loss(outputs, targets), size, "ggn: loss(outputs, targets)")
+
+        jax.eval_shape(loss_of_params, self.params_flat)
+        super()._check_batch_function()
+
+    def _batch_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
+        inputs, targets = self._split(batch)
+        outputs = self.apply_fn(self._unravel_fn(flat_params), inputs)
+        return reduce_loss(self.loss(outputs, targets), _batch_size(batch),
+                           "ggn: loss(outputs, targets)")
+
+    def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
+        inputs, targets = self._split(batch)
+        size = _batch_size(batch)
+
+        def outputs_of(p: jax.Array) -> Any:
+            return self.apply_fn(self._unravel_fn(p), inputs)
+
+        def loss_of_outputs(outputs: Any) -> jax.Array:
+            return reduce_loss(self.loss(outputs, targets), size, "ggn: loss(outputs, targets)")
+
+        outputs, jvp_fn = jax.linearize(outputs_of, flat_params)
+        jv = jvp_fn(v)
+        hjv = jax.jvp(jax.grad(loss_of_outputs), (outputs,), (jv,))[1]
+        (jt_hjv,) = jax.linear_transpose(jvp_fn, v)(hjv)
+        return jt_hjv
+
+
+def ggn(
+    apply_fn: Callable[[Any, Any], Any],
+    loss: Callable[[Any, Any], Any],
+    params: Any,
+    data: Any,
+    *,
+    chunk_size: int | None = None,
+    dtype: Any = None,
+    devices: Any = None,
+    check_deterministic: bool = True,
+) -> GGNOperator:
+    """The generalised Gauss-Newton matrix ``G = J^T H_L J`` over a data set.
+
+    ``J`` is the Jacobian of the model outputs with respect to the parameters and ``H_L``
+    the Hessian of the loss with respect to the outputs; ``G`` is positive semi-definite
+    for convex losses (cross-entropy, squared error). Each product is one linearisation
+    (forward), its transpose (reverse) and a Hessian-vector product of the loss in output
+    space.
+
+    Parameters
+    ----------
+    apply_fn : callable
+        ``apply_fn(params, inputs) -> outputs`` (outputs may be any pytree).
+    loss : callable
+        ``loss(outputs, targets)``: a scalar (the batch mean) or per-sample values with a
+        leading batch dimension, which are averaged (so optax losses work directly).
+    params : pytree
+        The parameters.
+    data : batch or iterable of batches
+        Every batch is a pair ``(inputs, targets)``; weighting as in :func:`hessian`.
+    chunk_size, dtype, devices, check_deterministic
+        As in :func:`hessian`.
+
+    References
+    ----------
+    N. N. Schraudolph, "Fast curvature matrix-vector products for second-order gradient
+    descent", Neural Computation 14 (2002).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpy as np, optax
+    >>> from jax_backend import ggn
+    >>> x = np.eye(3, dtype=np.float32)
+    >>> y = np.array([0, 1, 2])
+    >>> op = ggn(lambda p, inputs: inputs @ p, optax.softmax_cross_entropy_with_integer_labels,
+    ...          jnp.zeros((3, 3)), (x, y))
+    >>> op.n
+    9
+    >>> bool(jnp.linalg.eigvalsh(op.to_dense()).min() > -1e-6)  # PSD
+    True
+    """
+    op = GGNOperator(
+        apply_fn,
+        loss,
+        params,
+        data,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        check_deterministic=check_deterministic,
+    )
+    return op if devices is None else op.shard(devices)
