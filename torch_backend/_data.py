@@ -323,7 +323,7 @@ class Dataset:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise ValueError(f"batch_size(batch) must return an int >= 0, got {size!r}")
             return size
-        return _pair_batch_size(batch) if self.pairs else _leading_batch_size(batch)
+        return _pair_batch_size(batch) if self.pairs else _leading_batch_size(_as_tree(batch))
 
     def _check_leaf(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor):

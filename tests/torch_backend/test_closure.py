@@ -231,6 +231,13 @@ def test_dispatch_checkpoint_and_algorithms(tmp_path):
     _, _, pairs = _classification_data()
     batches = [{"features": xb, "labels": yb} for xb, yb in pairs]
     op = dualhess.hessian(model, data=batches, closure=own_loss)
+    # a mapping that is not a dict (a Hugging Face BatchEncoding is a UserDict) is one batch
+    from collections import UserDict
+
+    as_mappings = [UserDict(b) for b in batches]
+    same = tb.hessian(model, data=as_mappings, closure=own_loss, method="func")
+    assert same.dataset.batch_sizes == [5, 5, 3]
+    assert float((same.to_dense() - op.to_dense()).abs().max()) <= 1e-12 * op.to_dense().abs().max()
     dense = torch.linalg.eigvalsh(op.to_dense())
     top = dualhess.eigsh(op, k=2, seed=0, checkpoint=str(tmp_path / "run.npz"))
     assert torch.allclose(torch.as_tensor(top.values[::-1].copy()), dense[-2:], rtol=1e-8)
