@@ -13,6 +13,7 @@ def _symmetric(n=6, seed=0):
     return A + A.T
 
 
+@pytest.mark.errors_table
 def test_non_symmetric_dense_matrix_is_refused():
     """np.triu(A) + 1 was accepted, and every algorithm silently assumed symmetry."""
     A = np.random.default_rng(0).standard_normal((5, 5))

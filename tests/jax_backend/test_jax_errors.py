@@ -1,4 +1,7 @@
-"""Bad input to the JAX backend gives clear errors at construction, never NaN or float32."""
+"""Bad input to the JAX backend gives clear errors at construction, never NaN or float32.
+
+Tests marked ``errors_table`` are rows of ``docs/errors.md`` (see tests/docs/test_errors_table.py).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from _jax_helpers import cross_entropy
 import dualhess
 from jax_backend import dense_hessian, from_linen, from_nnx, ggn, hessian
 
+errors_table = pytest.mark.errors_table
+
 
 def linear_loss(params, batch):
     x, y = batch
@@ -28,6 +33,7 @@ def setup():
     return {"w": rng.standard_normal(3)}, x, y
 
 
+@errors_table
 def test_non_scalar_loss(setup):
     params, x, y = setup
     with pytest.raises(ValueError, match=r"must return a scalar .*got shape \(12,\)"):
@@ -36,12 +42,14 @@ def test_non_scalar_loss(setup):
         hessian(lambda p, b: (linear_loss(p, b), 0.0), params, (x, y))
 
 
+@errors_table
 def test_adapter_loss_with_wrong_leading_dimension(setup):
     params, x, y = setup
     with pytest.raises(ValueError, match="batch_size=12"):
         ggn(lambda p, inputs: inputs @ p["w"], lambda o, t: (o - t)[:3] ** 2, params, (x, y))
 
 
+@errors_table
 def test_nan_parameters(setup):
     params, x, y = setup
     params["w"][1] = np.nan
@@ -49,6 +57,7 @@ def test_nan_parameters(setup):
         hessian(linear_loss, params, (x, y))
 
 
+@errors_table
 def test_nan_data(setup):
     params, x, y = setup
     x[3, 0] = np.inf
@@ -56,6 +65,7 @@ def test_nan_data(setup):
         hessian(linear_loss, params, (x, y))
 
 
+@errors_table
 def test_batch_structure_differs_from_first(setup):
     params, x, y = setup
     batches = [(x[:6], y[:6]), {"x": x[6:], "y": y[6:]}]
@@ -65,24 +75,58 @@ def test_batch_structure_differs_from_first(setup):
         hessian(linear_loss, params, [(x[:6], y[:6]), (x[6:, :2], y[6:])])
 
 
+@errors_table
 def test_inconsistent_batch_dimension_hints_at_lists(setup):
     params, x, y = setup
     with pytest.raises(ValueError, match="pass a list for several batches"):
         hessian(linear_loss, params, (x, y[:5]))
 
 
-def test_empty_data_and_non_float_params(setup):
+@errors_table
+def test_empty_data(setup):
     params, x, y = setup
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match="data holds no batches"):
         hessian(linear_loss, params, [])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="batch 0 is empty"):
         hessian(linear_loss, params, (x[:0], y[:0]))
-    with pytest.raises(TypeError, match="floating-point"):
+
+
+@errors_table
+def test_non_floating_parameters(setup):
+    params, x, y = setup
+    with pytest.raises(TypeError, match="curvature needs floating-point parameters"):
         hessian(linear_loss, {"w": np.arange(3)}, (x, y))
     with pytest.raises(TypeError, match="floating"):
         hessian(linear_loss, params, (x, y), dtype=jnp.int32)
 
 
+@errors_table
+def test_class_labels_out_of_range(setup):
+    """optax's gather fills out-of-range labels with NaN: now the NaN loss is refused."""
+    _, x, _ = setup
+    labels = np.full(12, 7)
+    with pytest.raises(ValueError, match="integer class labels for values outside"):
+        ggn(lambda p, inputs: inputs @ p, cross_entropy, np.zeros((3, 5)), (x, labels))
+
+
+@errors_table
+def test_linen_batchnorm_in_train_mode(setup):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(2)(nn.BatchNorm(use_running_average=not train)(x))
+
+    _, x, _ = setup
+    variables = Net().init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="did not run in inference mode"):
+        from_linen(
+            Net(), variables, cross_entropy, (x, np.arange(12) % 2), apply_kwargs={"train": True}
+        )
+
+
+@errors_table
 def test_dense_hessian_refuses_large_models(setup):
     _, x, y = setup
     with pytest.raises(dualhess.OperatorError, match="refuses n=3000"):
@@ -105,6 +149,7 @@ def _tiny_nnx():
     return nnx.Linear(3, 2, rngs=nnx.Rngs(0))
 
 
+@errors_table
 def test_float64_without_x64_is_an_error_never_silent_float32():
     code = textwrap.dedent(
         """
@@ -137,6 +182,7 @@ def test_float64_without_x64_is_an_error_never_silent_float32():
     assert proc.stdout.split() == ["refused", "refused", "float32"]
 
 
+@errors_table
 def test_nan_loss_is_refused_at_construction(setup):
     """Issue 13, point 3: log(loss - 1e9) is NaN on the data; eigsh returned -3.5e-10."""
     params, x, y = setup
@@ -152,6 +198,7 @@ def test_nan_loss_is_refused_at_construction(setup):
         )
 
 
+@errors_table
 def test_inf_loss_is_refused_at_construction(setup):
     params, x, y = setup
     with pytest.raises(ValueError, match="the loss is inf on the data"):
@@ -164,6 +211,7 @@ def _noisy_loss(params, batch):
     return jnp.mean((x @ params["w"] + 0.1 * noise - y) ** 2)
 
 
+@errors_table
 def test_loss_with_a_prng_key_is_refused_unless_asked(setup):
     """Issue 13, point 5 (JAX): a loss that draws random numbers is one random draw."""
     params, x, y = setup
@@ -173,6 +221,7 @@ def test_loss_with_a_prng_key_is_refused_unless_asked(setup):
     assert op.n == 3
 
 
+@errors_table
 def test_linen_dropout_with_rngs_is_refused(setup):
     import flax.linen as nn
 
@@ -189,6 +238,7 @@ def test_linen_dropout_with_rngs_is_refused(setup):
         from_linen(Net(), variables, cross_entropy, (x, y), apply_kwargs=kwargs)
 
 
+@errors_table
 def test_nnx_model_drawing_noise_in_call_is_refused(setup):
     from flax import nnx
 

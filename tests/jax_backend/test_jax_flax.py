@@ -205,6 +205,7 @@ def _tiny_batch(seed=1):
     return rng.standard_normal((12, 3)), rng.integers(0, 3, 12)
 
 
+@pytest.mark.errors_table
 def test_linen_float32_batch_stats_follow_a_float64_analysis():
     """Dense -> BatchNorm(use_running_average=True) -> tanh -> Dense against jax.hessian with
     float64 statistics: float32 stats used as stored gave 4e-8 (float32 rounding of var + eps)."""
@@ -234,6 +235,7 @@ def test_linen_float32_batch_stats_follow_a_float64_analysis():
     assert variables["batch_stats"]["BatchNorm_0"]["mean"].dtype == jnp.float32  # not changed
 
 
+@pytest.mark.errors_table
 def test_nnx_float32_batch_stats_follow_a_float64_analysis():
     """nnx: BatchNorm's own float32 statistics and a custom float32 nnx.BatchStat (a running
     scale used as ``1 / sqrt(s + eps)``, which without the cast rounds in float32: 1e-8)."""

@@ -152,6 +152,7 @@ FISHER_CASES = [
 ]
 
 
+@pytest.mark.errors_table
 @pytest.mark.parametrize(("loss_name", "reduction", "width"), FISHER_CASES)
 def test_empirical_fisher_convention(loss_name, reduction, width):
     model, X, Y = fisher_problem(loss_name, width)
@@ -184,6 +185,7 @@ def test_mc_fisher_convention(loss_name, reduction, width):
         assert set(draws.unique().tolist()) <= set(range(CLASSES))
 
 
+@pytest.mark.errors_table
 @pytest.mark.parametrize(("loss_name", "reduction", "width"), FISHER_CASES)
 def test_mc_fisher_expectation_is_ggn(loss_name, reduction, width):
     """E[F_mc] = GGN for every supported loss: the diagonal within 5 MC standard errors.
