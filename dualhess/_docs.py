@@ -37,8 +37,11 @@ checkpoint : str or path, optional
 checkpoint_every : int, optional
     Products between two saves.""",
     "monitor_measurement": """\
-metrics : sequence of {"top_eigenvalue", "trace"}
-    What to measure (default both).
+metrics : sequence of {"top_eigenvalue", "trace", "gradient_overlap"}
+    What to measure (default ``("top_eigenvalue", "trace")``). ``"gradient_overlap"`` logs
+    ``||P_k g||^2 / ||g||^2``, the fraction of the gradient in the top-``overlap_k``
+    eigenspace (Gur-Ari et al. 2018, https://arxiv.org/abs/1812.04754), with
+    ``gradient_norm``.
 tol : float
     Relative residual tolerance of the top eigenvalue: the logged value is within
     ``tol * |lambda|`` of an eigenvalue of the Hessian at that step.
@@ -56,7 +59,10 @@ seed : int
     ``numpy.random.default_rng([seed, s, 1])``, so a logged value can be reproduced exactly.
 warm_start : bool
     Start each top-eigenvalue measurement from the previous top eigenvector
-    (``eigsh(v0=...)``; default True).""",
+    (``eigsh(v0=...)``; default True).
+overlap_k : int
+    The dimension of the eigenspace of ``"gradient_overlap"`` (default 10, the number of
+    classes in Gur-Ari et al.; capped at ``n - 1``).""",
 }
 
 _PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)%\((?P<name>\w+)\)s[ \t]*$", re.M)

@@ -30,10 +30,12 @@ from ._trace import trace
 from ._util import check_operator, check_positive_int
 from ._wrappers import HostOperator
 
-__all__ = ["MONITOR_METRICS", "SpectrumTracker", "TrackerViews"]
+__all__ = ["MONITOR_METRICS", "DEFAULT_MONITOR_METRICS", "SpectrumTracker", "TrackerViews"]
 
 #: Metrics the monitors can log.
-MONITOR_METRICS = ("top_eigenvalue", "trace")
+MONITOR_METRICS = ("top_eigenvalue", "trace", "gradient_overlap")
+#: What they log by default.
+DEFAULT_MONITOR_METRICS = ("top_eigenvalue", "trace")
 
 
 def _host(x: Any) -> np.ndarray:
@@ -68,7 +70,11 @@ class TrackerViews:
         self.tracker.save(path)
 
     def plot(self, path: Any = None, **kwargs: Any) -> Any:
-        """Plot the history (one panel per metric); saves to ``path`` when given."""
+        """Plot the history (one panel per metric); saves to ``path`` when given.
+
+        ``reference=2 / lr`` draws the edge-of-stability line on the top-eigenvalue panel
+        (see :meth:`SpectrumTracker.plot`).
+        """
         return self.tracker.plot(path, **kwargs)
 
 
@@ -107,7 +113,7 @@ class SpectrumTracker:
         self,
         *,
         every: int = 100,
-        metrics: Iterable[str] = MONITOR_METRICS,
+        metrics: Iterable[str] = DEFAULT_MONITOR_METRICS,
         tol: float = 1e-4,
         num_steps: int = 20,
         max_matvecs: int | None = None,
@@ -116,8 +122,10 @@ class SpectrumTracker:
         seed: int = 0,
         warm_start: bool = True,
         host_lanczos: bool | None = None,
+        overlap_k: int = 10,
     ) -> None:
         self.every = check_positive_int(every, "every", "SpectrumTracker")
+        self.overlap_k = check_positive_int(overlap_k, "overlap_k", "SpectrumTracker")
         self.host_lanczos = host_lanczos
         metrics = tuple(metrics)
         unknown = [m for m in metrics if m not in MONITOR_METRICS]
@@ -178,9 +186,25 @@ class SpectrumTracker:
             est = trace(op, method=self.trace_method, num_matvecs=self.trace_matvecs,
                          seed=self.trace_rng(step))
             record.update(trace=float(est.value), trace_stderr=float(est.stderr))
+        if "gradient_overlap" in self.metrics:
+            record.update(self._overlap(op, step))
         record["num_matvecs"] = op.num_matvecs - before
         self.history.append(record)
         return record
+
+    def _overlap(self, op: Operator, step: int) -> dict[str, Any]:
+        """``||P_k g||^2 / ||g||^2`` with the top ``overlap_k`` eigenvectors (Gur-Ari et al.)."""
+        from ._overlap import overlap_of
+
+        k = min(self.overlap_k, op.n - 1)
+        host = op.fixed_shapes if self.host_lanczos is None else self.host_lanczos
+        eigen_op = HostOperator(op) if host else op
+        eig = eigsh(eigen_op, k=k, which="LA", tol=self.tol, max_matvecs=self.max_matvecs,
+                    seed=self.start_rng(step))
+        g = op.gradient()
+        value, _ = overlap_of(g, eig.vectors)
+        return {"gradient_overlap": value, "overlap_k": int(k),
+                "gradient_norm": float(np.linalg.norm(_host(g)))}
 
     def values(self, metric: str) -> list[float]:
         """The logged values of one metric, in step order."""
@@ -206,11 +230,29 @@ class SpectrumTracker:
         with open(path, "w") as fh:
             json.dump(self.to_dict(), fh, indent=2)
 
-    def plot(self, path: Any = None, *, axes: Any = None) -> Any:
-        """Plot the history: one panel per metric (trace with +-2 stderr band).
+    def plot(self, path: Any = None, *, axes: Any = None, reference: float | None = None,
+             reference_label: str | None = None) -> Any:
+        """Plot the history: one panel per metric (trace with +-2 stderr band), axes labelled.
 
-        Returns the matplotlib figure; saves it to ``path`` when given.
+        Parameters
+        ----------
+        path : path, optional
+            Save the figure there.
+        axes : matplotlib axes, optional
+            One per metric.
+        reference : float, optional
+            A horizontal line on the top-eigenvalue panel, e.g. ``2 / lr``: gradient descent
+            with step ``lr`` is unstable along directions sharper than ``2 / lr``, and
+            full-batch training hovers there (the edge of stability, Cohen et al. 2021,
+            https://arxiv.org/abs/2103.00065).
+        reference_label : str, optional
+            Its legend entry (default ``2/eta = <value>``).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
         """
         from ._plotting import plot_history
 
-        return plot_history(self, path, axes=axes)
+        return plot_history(self, path, axes=axes, reference=reference,
+                            reference_label=reference_label)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from dualhess._docs import fill_doc
-from dualhess._tracking import MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._tracking import DEFAULT_MONITOR_METRICS, SpectrumTracker, TrackerViews
 
 from ._hessian import HessianOperator, hessian
 
@@ -73,7 +73,7 @@ class HessianMonitor(TrackerViews):
         data: Any,
         *,
         every: int = 100,
-        metrics: Iterable[str] = MONITOR_METRICS,
+        metrics: Iterable[str] = DEFAULT_MONITOR_METRICS,
         tol: float = 1e-4,
         num_steps: int = 20,
         max_matvecs: int | None = None,
@@ -81,6 +81,7 @@ class HessianMonitor(TrackerViews):
         trace_matvecs: int = 50,
         seed: int = 0,
         warm_start: bool = True,
+        overlap_k: int = 10,
         chunk_size: int | None = None,
         dtype: Any = None,
         log_fn: Callable[[dict[str, Any]], Any] | None = None,
@@ -102,6 +103,7 @@ class HessianMonitor(TrackerViews):
             trace_matvecs=trace_matvecs,
             seed=seed,
             warm_start=warm_start,
+            overlap_k=overlap_k,
         )
 
     def operator(self, params: Any) -> HessianOperator:

@@ -13,8 +13,10 @@ current parameters on a fixed monitoring set (:func:`torch_backend.hessian`), an
 The history is kept (``monitor.history``), saved as JSON and plotted (``monitor.plot()``).
 
 ``HessianMonitorCallback`` is the same monitor as a PyTorch Lightning ``Callback`` that logs
-to the trainer's loggers. It exists only when ``lightning`` (or ``pytorch_lightning``) is
-installed; this module never imports Lightning otherwise.
+to the trainer's loggers, and ``HessianTrainerCallback`` a Hugging Face
+``transformers.TrainerCallback`` that logs to the ``Trainer``'s loggers (``report_to``) and
+``trainer.state.log_history``. They exist only when ``lightning`` (or ``pytorch_lightning``),
+respectively ``transformers``, is installed; this module imports neither otherwise.
 
 Examples
 --------
@@ -43,12 +45,12 @@ from typing import Any
 import torch
 
 from dualhess._docs import fill_doc
-from dualhess._tracking import MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._tracking import DEFAULT_MONITOR_METRICS, SpectrumTracker, TrackerViews
 
 from ._hessian import HessianOperator
 from ._hessian import hessian as _hessian_operator
 
-__all__ = ["HessianMonitor"]  # + HessianMonitorCallback when Lightning is installed
+__all__ = ["HessianMonitor"]  # + HessianMonitorCallback, HessianTrainerCallback when installed
 
 
 @fill_doc
@@ -60,13 +62,18 @@ class HessianMonitor(TrackerViews):
     model : torch.nn.Module
         The model being trained. It is put into eval mode while it is measured (BatchNorm
         running statistics, no Dropout) and returned to its previous mode.
-    loss_fn : callable
-        ``(outputs, targets) -> scalar`` (an ``nn`` loss module or any callable).
+    loss_fn : callable or None
+        ``(outputs, targets) -> scalar`` (an ``nn`` loss module or any callable); None with
+        ``closure``.
     data : (inputs, targets) or iterable of batches
         The fixed monitoring set (e.g. a held-out batch or a loader with ``shuffle=False``).
     every : int
         Measure at steps ``0, every, 2 every, ...``.
     %(monitor_measurement)s
+    closure : callable, optional
+        ``closure(model, batch) -> scalar`` instead of ``loss_fn`` (e.g.
+        ``lambda model, batch: model(**batch).loss`` for a Hugging Face model); see
+        :func:`torch_backend.hessian`.
     params : list of str or callable, optional
         Monitor the Hessian block of these parameters only.
     method : str
@@ -94,7 +101,7 @@ class HessianMonitor(TrackerViews):
         data: Any,
         *,
         every: int = 100,
-        metrics: Iterable[str] = MONITOR_METRICS,
+        metrics: Iterable[str] = DEFAULT_MONITOR_METRICS,
         tol: float = 1e-4,
         num_steps: int = 20,
         max_matvecs: int | None = None,
@@ -102,15 +109,18 @@ class HessianMonitor(TrackerViews):
         trace_matvecs: int = 50,
         seed: int = 0,
         warm_start: bool = True,
+        overlap_k: int = 10,
         params: Any = None,
         method: str = "auto",
         dtype: torch.dtype | None = None,
         log_fn: Callable[[dict[str, Any]], Any] | None = None,
+        closure: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.loss_fn = loss_fn
+        self.closure = closure
         self.data = data
         self.params = params
         self.method = method
@@ -126,6 +136,7 @@ class HessianMonitor(TrackerViews):
             trace_matvecs=trace_matvecs,
             seed=seed,
             warm_start=warm_start,
+            overlap_k=overlap_k,
         )
         self._count = 0
         self._checked = False
@@ -144,6 +155,7 @@ class HessianMonitor(TrackerViews):
                 method=self.method,
                 dtype=self.dtype,
                 check_deterministic=not self._checked,
+                **({} if self.closure is None else {"closure": self.closure}),
             )
         finally:
             self.model.train(was_training)
@@ -272,9 +284,139 @@ def _make_callback_class() -> type:
     return HessianMonitorCallback
 
 
+#: What the callbacks send to the loggers, from each record.
+LOGGED_KEYS = ("top_eigenvalue", "trace", "trace_stderr", "gradient_overlap", "num_matvecs")
+
+
+def _make_trainer_callback_class() -> type:
+    try:
+        from transformers import TrainerCallback
+    except Exception as err:  # noqa: BLE001 - missing or broken install
+        raise ImportError(
+            "HessianTrainerCallback needs Hugging Face transformers (pip install transformers); "
+            f"importing it failed: {type(err).__name__}: {err}. For plain training loops use "
+            "torch_backend.HessianMonitor"
+        ) from err
+
+    class HessianTrainerCallback(TrainerCallback):
+        """Hugging Face ``Trainer`` callback: log sharpness and trace every N global steps.
+
+        At the start of training (step 0) and after every ``every``-th optimizer step it
+        measures the Hessian of the model being trained on a fixed monitoring set
+        (:class:`HessianMonitor`) and logs ``<prefix>top_eigenvalue``, ``<prefix>trace``,
+        ``<prefix>trace_stderr`` (and ``<prefix>gradient_overlap`` when asked for) through
+        ``trainer.log``: to every logger of ``report_to`` (TensorBoard, W&B, ...) and to
+        ``trainer.state.log_history``. The model's own loss is used by default
+        (``closure=lambda model, batch: model(**batch).loss``, batches are dicts as the
+        ``Trainer`` feeds them, with ``labels``).
+
+        Parameters
+        ----------
+        data : dict of tensors, or an iterable of them
+            The fixed monitoring set (e.g. one collated batch); with ``loss_fn``, pairs
+            ``(inputs, targets)`` instead.
+        every : int
+            Measure when ``state.global_step % every == 0``.
+        trainer : transformers.Trainer, optional
+            The trainer to log through; or call :meth:`attach`. Without one the records go
+            to ``state.log_history`` only (the loggers are reached through the trainer).
+        loss_fn, closure : callable, optional
+            The loss (:func:`torch_backend.hessian`); default the model's own ``.loss``.
+        prefix : str
+            Metric name prefix (default ``"hessian/"``).
+        **kwargs
+            Passed to :class:`HessianMonitor` (``metrics``, ``tol``, ``trace_matvecs``,
+            ``dtype``, ...).
+
+        Attributes
+        ----------
+        monitor : HessianMonitor or None
+            Built at the first measurement; holds the history and ``plot()``.
+
+        Examples
+        --------
+        >>> callback = HessianTrainerCallback(data=batch, every=50)  # doctest: +SKIP
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train)  # doctest: +SKIP
+        >>> callback.attach(trainer).train()  # doctest: +SKIP
+        """
+
+        def __init__(
+            self,
+            data: Any,
+            *,
+            every: int = 100,
+            trainer: Any = None,
+            loss_fn: Callable[..., Any] | None = None,
+            closure: Callable[[Any, Any], Any] | None = None,
+            prefix: str = "hessian/",
+            **kwargs: Any,
+        ) -> None:
+            super().__init__()
+            if loss_fn is None and closure is None:
+                closure = _own_loss
+            self.data = data
+            self.every = every
+            self.trainer = trainer
+            self.loss_fn = loss_fn
+            self.closure = closure
+            self.prefix = prefix
+            self.kwargs = kwargs
+            self.monitor: HessianMonitor | None = None
+
+        def attach(self, trainer: Any) -> Any:
+            """Log through ``trainer`` (added to its callbacks if it is not there); returns it."""
+            self.trainer = trainer
+            if self not in trainer.callback_handler.callbacks:
+                trainer.add_callback(self)
+            return trainer
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+            """Measure the starting point (global step 0, before the first update)."""
+            self._maybe_measure(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
+            """Measure after an optimizer step when ``global_step % every == 0``."""
+            self._maybe_measure(state, model)
+
+        def _maybe_measure(self, state: Any, model: Any) -> None:
+            step = int(state.global_step)
+            if model is None:
+                return
+            if self.monitor is None or self.monitor.model is not model:
+                self.monitor = HessianMonitor(model, self.loss_fn, self.data, every=self.every,
+                                              closure=self.closure, **self.kwargs)
+            if not self.monitor.tracker.due(step) or step in self.monitor.steps:
+                return
+            record = self.monitor.measure(step)
+            metrics = {f"{self.prefix}{key}": float(record[key])
+                       for key in LOGGED_KEYS if key in record}
+            if self.trainer is not None:
+                self.trainer.log(metrics)
+            else:
+                state.log_history.append({**metrics, "step": step})
+
+    return HessianTrainerCallback
+
+
+def _own_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """The loss a Hugging Face model computes itself from a batch with ``labels``."""
+    out = model(**batch) if isinstance(batch, dict) else model(*batch)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "HessianTrainerCallback: the model returned no .loss for the monitoring batch; "
+            "include 'labels' in the batch, or pass loss_fn= / closure="
+        )
+    return loss
+
+
 def __getattr__(name: str) -> Any:
     if name == "HessianMonitorCallback":
         cls = _make_callback_class()
+        globals()[name] = cls
+        return cls
+    if name == "HessianTrainerCallback":
+        cls = _make_trainer_callback_class()
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
