@@ -248,7 +248,10 @@ def _elements_per_sample(objective: Any, params: dict[str, torch.Tensor]) -> int
         return 1
     unreduced = copy.copy(loss_fn)
     unreduced.reduction = "none"
-    _, (inputs, targets) = next(iter(objective.dataset.batches()))
+    first = next(iter(objective.dataset.batches()), None)
+    if first is None:  # pragma: no cover - an empty shard of a distributed data set
+        return 1
+    inputs, targets = first[1]
     with torch.no_grad():
         values = unreduced(objective.call(params, inputs), targets)
     size = int(targets.shape[0]) if targets.ndim else 1

@@ -184,7 +184,10 @@ def _check_finite_parameters(params: dict, where: str) -> None:
 def _check_loss_has_gradient(objective: Objective, selected: dict, fixed: dict, where: str) -> None:
     """The loss of the first batch must depend on the selected parameters through autograd."""
     leaves = {name: value.detach().requires_grad_(True) for name, value in selected.items()}
-    _, batch = next(iter(objective.dataset.batches()))
+    first = next(iter(objective.dataset.batches()), None)
+    if first is None:  # this rank's shard is empty (torch.distributed)
+        return
+    batch = first[1]
     with torch.enable_grad():
         loss = objective.batch_loss({**fixed, **leaves}, batch)
     if isinstance(loss, torch.Tensor) and not loss.requires_grad:
