@@ -66,6 +66,31 @@ def dtype_name(dtype: Any) -> str:
     return name.strip("')>")
 
 
+#: Machine epsilon (the spacing of floats at 1) by dtype name, bfloat16 and float16 included.
+_EPS = {
+    "float64": 2.0**-52,
+    "float32": 2.0**-23,
+    "float16": 2.0**-10,
+    "bfloat16": 2.0**-7,
+}
+
+
+def dtype_eps(dtype: Any) -> float:
+    """Machine epsilon of any framework's floating dtype (numpy, torch, jax; bfloat16 too).
+
+    Integer and unknown dtypes get float64's: their arithmetic happens in float64 on the host.
+
+    Examples
+    --------
+    >>> from dualhess._array import dtype_eps
+    >>> dtype_eps("float32") == 2.0**-23, dtype_eps("bfloat16")
+    (True, 0.0078125)
+    """
+    name = dtype_name(dtype)
+    aliases = {"double": "float64", "float": "float32", "half": "float16"}
+    return _EPS.get(aliases.get(name, name), _EPS["float64"])
+
+
 def is_float64(dtype: Any) -> bool:
     """True when ``dtype`` is a 64-bit float in any framework."""
     return dtype_name(dtype) in ("float64", "double")

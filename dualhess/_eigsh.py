@@ -32,7 +32,15 @@ from typing import Any
 import array_api_extra as xpx
 import numpy as np
 
-from ._array import array_namespace, default_rng, device, safe_column_norms, safe_norm, to_numpy
+from ._array import (
+    array_namespace,
+    default_rng,
+    device,
+    dtype_eps,
+    safe_column_norms,
+    safe_norm,
+    to_numpy,
+)
 from ._docs import fill_doc
 from ._errors import NotConvergedWarning
 from ._operator import Operator, OperatorError
@@ -66,12 +74,7 @@ def _select(theta: np.ndarray, count: int, which: str) -> np.ndarray:
 
 
 def _eps(op: Operator) -> float:
-    name = str(op.dtype)
-    if "float16" in name or "bfloat16" in name:
-        return float(np.finfo(np.float16).eps)
-    if "32" in name:
-        return float(np.finfo(np.float32).eps)
-    return float(np.finfo(np.float64).eps)
+    return dtype_eps(op.dtype)
 
 
 def _start_columns(op: Operator, v0: Any, block: int) -> list[Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import array_api_extra as xpx
 import numpy as np
 
-from ._array import array_namespace, default_rng, device, safe_vector_norm, to_numpy
+from ._array import array_namespace, default_rng, device, dtype_eps, safe_vector_norm, to_numpy
 from ._docs import fill_doc
 from ._operator import Operator
 from ._results import Tridiagonal
@@ -132,7 +132,7 @@ def lanczos(
         stacked = xpx.at(stacked)[:, :, 0].set(xp.permute_dims(Q, (1, 0)))
     Q_prev = None
     beta_prev = None
-    eps = float(np.finfo(np.float32 if "32" in str(op.dtype) else np.float64).eps)
+    eps = dtype_eps(op.dtype)
     scale = 0.0
 
     fixed_shapes = op.fixed_shapes

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import array_namespace, default_rng, dtype_name, safe_column_norms, to_numpy
+from ._array import array_namespace, default_rng, dtype_eps, safe_column_norms, to_numpy
 from ._docs import fill_doc
 from ._operator import Operator
 from ._results import TraceEstimate
@@ -88,8 +88,7 @@ def _qr(Y: Any) -> tuple[Any, np.ndarray]:
 
 def _numerically_singular(R: np.ndarray, dtype: Any) -> bool:
     """True when the triangular ``R`` is singular to working precision."""
-    single = dtype_name(dtype) in ("float32", "float16", "bfloat16", "half", "float")
-    eps = float(np.finfo(np.float32 if single else np.float64).eps)
+    eps = dtype_eps(dtype)  # the products behind R carry the operator dtype's rounding
     diag = np.abs(np.diag(R))
     top = float(diag.max(initial=0.0))
     return top == 0.0 or float(diag.min()) <= max(R.shape[0], 10) * eps * top
