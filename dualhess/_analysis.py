@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ._alignment import Alignment
-from ._array import dtype_name
+from ._array import dtype_name, to_numpy
 from ._operator import ExactUnavailableError, Operator
 from ._wrappers import HostOperator
 
@@ -101,6 +101,12 @@ class AnalysisSettings:
         Probes of the crosscheck when both frameworks run.
     progress : bool
         Progress bars on the long steps.
+    landscape : bool
+        Also evaluate the loss along the top eigenvector (:func:`dualhess.loss_landscape`).
+    landscape_radius : float
+        Offsets ``[-radius, radius]`` along the unit top eigenvector.
+    landscape_points : int
+        Points of the slice (odd: one at the centre).
     """
 
     framework: str | None = None
@@ -115,6 +121,9 @@ class AnalysisSettings:
     eig_tol: float | None = None
     crosscheck_probes: int = 8
     progress: bool = True
+    landscape: bool = False
+    landscape_radius: float = 1.0
+    landscape_points: int = 21
 
     def validate(self) -> AnalysisSettings:
         """Check every field; raise ``ValueError`` with the option name on bad values."""
@@ -134,6 +143,13 @@ class AnalysisSettings:
             raise ValueError(f"eig_tol must be in (0, 1), got {self.eig_tol!r}")
         if self.params is not None and not self.params.strip(" ,"):
             raise ValueError("--params is empty; give parameter names or prefixes, comma-separated")
+        if not (isinstance(self.landscape_radius, (int, float)) and self.landscape_radius > 0
+                and np.isfinite(self.landscape_radius)):
+            raise ValueError(f"--landscape-radius must be a positive number, got "
+                             f"{self.landscape_radius!r}")
+        points = self.landscape_points
+        if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 3:
+            raise ValueError(f"--landscape-points must be an integer >= 3, got {points!r}")
         return self
 
     @property
@@ -253,7 +269,7 @@ def analyze_operator(
         "eigsh",
         f"top-{settings.top_k} eigenvalues (thick-restart Lanczos, tol {tol:.0e})",
         lambda: eigsh(op, k=settings.top_k, which="LA", tol=tol, seed=settings.seed,
-                      return_vectors=False, progress=progress),
+                      progress=progress),
     )
     bottom = step(
         "eigsh_min",
@@ -287,6 +303,20 @@ def analyze_operator(
 
     values = np.asarray(top.values, dtype=np.float64)
     order = np.argsort(values)[::-1]
+    vectors = np.asarray(to_numpy(top.vectors), dtype=np.float64)[:, order]
+    # One sign for every framework: the entry of largest magnitude is positive.
+    vectors = vectors * np.where(vectors[np.argmax(np.abs(vectors), axis=0),
+                                         np.arange(vectors.shape[1])] < 0, -1.0, 1.0)
+    overlap = step("gradient_overlap", f"gradient overlap with the top-{settings.top_k} "
+                   "eigenspace", lambda: _gradient_overlap(op, vectors, values[order]))
+    landscape = None
+    if settings.landscape:
+        landscape = step(
+            "landscape",
+            f"loss along the top eigenvector ({settings.landscape_points} points in "
+            f"[-{settings.landscape_radius:g}, {settings.landscape_radius:g}])",
+            lambda: _landscape(op, vectors[:, 0], float(values[order[0]]), settings),
+        )
     nodes = np.asarray(dens.nodes, dtype=np.float64)
     weights = np.asarray(dens.weights, dtype=np.float64)
     lam_max = float(values[order[0]])
@@ -337,6 +367,8 @@ def analyze_operator(
             "num_steps": int(nodes.shape[-1]) if nodes.size else 0,
             "num_matvecs": int(dens.num_matvecs),
         },
+        "gradient_overlap": overlap,
+        "landscape": landscape,
         "summary": {
             "lambda_max": lam_max,
             "lambda_min": lam_min,
@@ -347,6 +379,42 @@ def analyze_operator(
         "timings": {k: round(v, 6) for k, v in timings.items()},
         "num_matvecs": {**counts, "total": int(op.num_matvecs - start_count)},
     }
+
+
+def _gradient_overlap(op: Operator, vectors: np.ndarray, values: np.ndarray) -> dict[str, Any]:
+    """The report's gradient overlap: ``||P_k g||^2 / ||g||^2`` with the top-k vectors."""
+    from ._errors import LossUnavailableError
+    from ._overlap import overlap_of
+
+    try:
+        g = op.gradient()
+    except LossUnavailableError as exc:
+        return {"value": None, "reason": str(exc)}
+    value, parts = overlap_of(g, vectors)
+    return {"value": value, "k": int(vectors.shape[1]), "per_direction": parts.tolist(),
+            "eigenvalues": values.tolist(),
+            "gradient_norm": float(np.linalg.norm(np.asarray(to_numpy(g), dtype=np.float64))),
+            "reason": None}
+
+
+def _landscape(op: Operator, vector: np.ndarray, value: float,
+               settings: AnalysisSettings) -> dict[str, Any]:
+    """The report's 1-D slice along the (sign-fixed) top eigenvector."""
+    from ._errors import LossUnavailableError
+    from ._landscape import loss_landscape
+    from ._results import Eigen
+
+    top = Eigen(values=np.array([value]), vectors=vector[:, None], residuals=np.zeros(1),
+                converged=np.ones(1, dtype=bool), num_matvecs=0, which="LA", tol=0.0)
+    try:
+        land = loss_landscape(op, top, radius=settings.landscape_radius,
+                              num_points=settings.landscape_points, progress=settings.progress)
+    except LossUnavailableError as exc:
+        return {"values": None, "reason": str(exc)}
+    out = land.to_dict()
+    out["curvature"] = float(land.curvature()[0]) if settings.landscape_points % 2 else None
+    out["reason"] = None
+    return out
 
 
 def _agreement(results: dict[str, dict[str, Any]], labels: tuple[str, str], rtol: float) -> dict[str, Any]:
@@ -375,7 +443,19 @@ def _agreement(results: dict[str, dict[str, Any]], labels: tuple[str, str], rtol
         "trace_rel_diff": abs(ta - tb) / max(abs(ta), abs(tb), np.finfo(float).tiny),
         "density_max_abs_diff": dens_diff,
         "negative_mass_diff": abs(a["summary"]["negative_mass"] - b["summary"]["negative_mass"]),
+        "gradient_overlap_diff": _difference(a["gradient_overlap"].get("value"),
+                                             b["gradient_overlap"].get("value")),
+        "landscape_max_abs_diff": _difference((a.get("landscape") or {}).get("values"),
+                                              (b.get("landscape") or {}).get("values")),
     }
+
+
+def _difference(x: Any, y: Any) -> float | None:
+    """``max |x - y|`` of two numbers or equally shaped lists; None when either is missing."""
+    if x is None or y is None:
+        return None
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return float(np.max(np.abs(x - y))) if x.shape == y.shape else None
 
 
 # ---------------------------------------------------------------------- several operators

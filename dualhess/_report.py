@@ -9,8 +9,13 @@
     The eigenvalue density (SLQ, Gaussian broadening) on a log scale, frameworks overlaid.
 ``eigenvalues.png``
     The top-``k`` eigenvalues of each framework.
+``landscape.png``
+    With ``--landscape``: the loss along the top eigenvector, frameworks overlaid.
+``per_layer.png``, ``per_layer_density.png``
+    With ``--per-layer``: the top eigenvalue and trace of each layer's block, and the
+    eigenvalue density of each block (stacked, one row per block).
 ``report.md``
-    Tables of the numbers (paste into a paper) and both figures embedded.
+    Tables of the numbers (paste into a paper) and the figures embedded.
 
 :func:`compare` reads two ``report.json`` files and writes overlaid figures and a table of
 differences (``compare.md``, ``compare.json``, ``density.png``, ``eigenvalues.png``).
@@ -34,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ._plotting import plot_report_density, plot_report_eigenvalues
+from ._plotting import plot_report_density, plot_report_eigenvalues, plot_report_landscape
 
 __all__ = [
     "SCHEMA",
@@ -62,7 +67,8 @@ SCHEMA: dict[str, str] = {
     "source": "'demo' (the embedded default) or the path of the user file",
     "seed": "the seed of every random draw (probes are numpy float64, identical in both frameworks)",
     "settings": "every option: framework, top_k, trace_matvecs, density_probes, density_steps, "
-    "seed, dtype, device, params, eig_tol, crosscheck_probes, progress",
+    "seed, dtype, device, params, eig_tol, crosscheck_probes, progress, landscape, "
+    "landscape_radius, landscape_points",
     "versions": "python, numpy, dualhess and, when installed, scipy, torch, jax, jaxlib, flax, "
     "optax, backpack-for-pytorch, matplotlib",
     "model": "framework, type, num_params (n), params (the selected block or null), layout "
@@ -87,6 +93,14 @@ SCHEMA: dict[str, str] = {
     "results.<framework>.density.nodes": "Ritz values, one row per probe",
     "results.<framework>.density.weights": "quadrature weights, one row per probe (rows sum to 1)",
     "results.<framework>.density.sigma": "the broadening width",
+    "results.<framework>.gradient_overlap": "norm(P_k g)^2 / norm(g)^2: the fraction of the "
+    "gradient g of the loss in the span of the top-k eigenvectors (Gur-Ari et al. 2018, "
+    "arXiv:1812.04754): value, k, per_direction ((v_i . g)^2 / norm(g)^2), eigenvalues, "
+    "gradient_norm; value null and the reason for an operator without a loss",
+    "results.<framework>.landscape": "null unless --landscape; else the loss on the 1-D slice "
+    "theta + t v_1 along the unit top eigenvector (sign: its largest entry positive, the same "
+    "in both frameworks): offsets (t), values, center_loss, eigenvalues, radius, "
+    "num_evaluations, curvature (second difference at t = 0, about lambda_max)",
     "results.<framework>.summary.lambda_max": "largest eigenvalue",
     "results.<framework>.summary.lambda_min": "smallest eigenvalue",
     "results.<framework>.summary.negative_mass": "spectral mass below zero: mean over probes of "
@@ -101,12 +115,15 @@ SCHEMA: dict[str, str] = {
     "max_rel_diff, quad_rel_diff, trace_a, trace_b, blocks, failing_blocks, checks, summary)",
     "agreement": "null with one framework; else the differences of the two frameworks' numbers "
     "(eigenvalues_max_abs_diff, eigenvalues_max_rel_diff, eigenvalues_bound, "
-    "eigenvalues_agree, trace_abs_diff, trace_rel_diff, density_max_abs_diff, passed)",
+    "eigenvalues_agree, trace_abs_diff, trace_rel_diff, density_max_abs_diff, "
+    "gradient_overlap_diff, landscape_max_abs_diff, passed)",
     "timings": "seconds: setup (training or loading), build_<framework>, each framework's "
     "analysis, crosscheck, total",
     "num_matvecs": "total Hessian-vector products per framework",
-    "per_layer": "null unless --per-layer; else framework and rows (layer, size, top "
-    "eigenvalue, its residual, trace and how it was computed) of each layer's Hessian block",
+    "per_layer": "null unless --per-layer; else framework, rows (layer, size, top "
+    "eigenvalue, its residual, trace and how it was computed) of each layer's Hessian block, "
+    "and densities (each block's SLQ density: grid, values) with distances (the "
+    "Jensen-Shannon distance between every two blocks' densities on a common grid)",
     "files": "the files written next to report.json",
 }
 
@@ -171,6 +188,13 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows.append(["trace (exact)", *[_g(res[f]["trace"]["exact"]["value"], 12) for f in frameworks]])
     rows.append(["negative spectral mass", *[_g(res[f]["summary"]["negative_mass"], 6)
                                              for f in frameworks]])
+    overlaps = [res[f].get("gradient_overlap") or {} for f in frameworks]
+    if any(o.get("value") is not None for o in overlaps):
+        rows.append([f"gradient overlap (top-{overlaps[0].get('k', '?')})",
+                     *[_g(o.get("value"), 8) for o in overlaps]])
+    lands = [res[f].get("landscape") or {} for f in frameworks]
+    if any(ls.get("values") is not None for ls in lands):
+        rows.append(["landscape curvature at 0", *[_g(ls.get("curvature"), 8) for ls in lands]])
     k = len(res[frameworks[0]]["eigenvalues"]["values"])
     for i in range(k):
         cells = []
@@ -273,6 +297,10 @@ def markdown_report(report: dict[str, Any], *, plots: bool = True) -> str:
     if plots:
         out += ["## Figures", "", "![Eigenvalue density (log scale)](density.png)", "",
                 "![Top eigenvalues](eigenvalues.png)", ""]
+        if "landscape.png" in report.get("files", []):
+            out += ["![The loss along the top eigenvector](landscape.png)", ""]
+        if "per_layer_density.png" in report.get("files", []):
+            out += ["![The eigenvalue density of each layer's block](per_layer_density.png)", ""]
     out += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
             f"Total time {report['timings'].get('total', float('nan')):.1f} s. "
             "Every number is in `report.json`.", ""]
@@ -292,6 +320,12 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = T
     names = ["report.json", "report.md"] + (["density.png", "eigenvalues.png"] if plots else [])
     if plots and report.get("per_layer") is not None and (out / "per_layer.png").exists():
         names.append("per_layer.png")
+    if plots and report.get("per_layer") is not None and (out / "per_layer_density.png").exists():
+        names.append("per_layer_density.png")
+    lands = [(f, r["landscape"]) for f, r in report["results"].items()
+             if (r.get("landscape") or {}).get("values") is not None]
+    if plots and lands:
+        names.append("landscape.png")
     report["files"] = names
     missing = missing_keys(report)
     if missing:
@@ -306,6 +340,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = T
         plot_report_eigenvalues([(f, report["results"][f]["eigenvalues"]) for f in frameworks],
                           out / "eigenvalues.png", f"Top eigenvalues: {title}")
         written += [out / "density.png", out / "eigenvalues.png"]
+        if lands:
+            plot_report_landscape(lands, out / "landscape.png", f"Loss along the top eigenvector: "
+                                  f"{title}")
+            written.append(out / "landscape.png")
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
     (out / "report.md").write_text(markdown_report(report, plots=plots))
     return [out / "report.json", out / "report.md", *written]

@@ -67,6 +67,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -132,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also compute the top eigenvalue and trace of each layer's Hessian "
                     "block (in the model's own framework): a table, report.json's per_layer "
                     "and per_layer.png")
+    an.add_argument("--landscape", action="store_true",
+                    help="also evaluate the loss along the top eigenvector in each framework: "
+                    "landscape.png (frameworks overlaid) and report.json's landscape")
+    an.add_argument("--landscape-radius", type=_positive_float, default=1.0, metavar="R",
+                    help="offsets [-R, R] along the unit top eigenvector (default 1)")
+    an.add_argument("--landscape-points", type=_positive_int, default=21, metavar="N",
+                    help="points of the slice (default 21; odd puts one at the centre)")
     an.add_argument("--no-plots", action="store_true",
                     help="do not draw density.png and eigenvalues.png (no matplotlib needed)")
     an.add_argument("--quiet", action="store_true",
@@ -220,11 +237,28 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------- commands
 def _log_to_stderr(quiet: bool) -> Any:
+    """Step messages on stderr, written through tqdm so that they never break a progress bar
+    (the bar is cleared, the line printed, the bar redrawn below it)."""
+
     def log(message: str) -> None:
-        if not quiet:
+        if quiet:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
             print(message, file=sys.stderr, flush=True)
+            return
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
 
     return log
+
+
+def _show_progress(quiet: bool) -> bool:
+    """Bars only on a terminal: in a log file or a pipe their carriage returns would glue
+    every redraw, and the next log line, into one line."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return not quiet and bool(isatty and isatty())
 
 
 def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -241,7 +275,10 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         dtype=args.dtype,
         device=args.device,
         params=args.params,
-        progress=not args.quiet,
+        progress=_show_progress(args.quiet),
+        landscape=args.landscape,
+        landscape_radius=args.landscape_radius,
+        landscape_points=args.landscape_points,
     ).validate()
     if args.dtype == "float64":
         # JAX computes in float32 unless x64 is on before it is imported.
@@ -261,7 +298,10 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         model, loss_fn, data = load_user_file(args.file)
         source = str(args.file)
     setup = time.perf_counter() - t_start
-    report = analyze(model, loss_fn, data, settings, log=log)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # library log records, too, go around the bars
+        report = analyze(model, loss_fn, data, settings, log=log)
     report["timings"]["setup"] = round(setup, 6)
     report["timings"]["total"] = round(time.perf_counter() - t_start, 6)
     if demo_info is not None:

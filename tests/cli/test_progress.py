@@ -1,0 +1,139 @@
+"""What ``dualhess analyze`` shows a person on stderr, and its ``--landscape`` report.
+
+The CLI runs in-process with stderr captured. On a (fake) terminal the bars are drawn with
+carriage returns; :func:`screen` replays them as a terminal would, and every step message
+must then stand on its own line, never glued to a bar. Off a terminal (a pipe, a log file,
+``make run > log``) there are no bars, only the messages, one per line; ``--quiet`` prints
+nothing on stderr.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--top-k", "3", "--trace-matvecs", "20", "--density-probes", "2",
+         "--density-steps", "15", "--no-plots"]
+
+
+class Terminal(io.StringIO):
+    """A captured stderr that says it is a terminal, so tqdm draws its bars."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows: each carriage return goes back to column 0 and the text
+    after it overwrites what was there."""
+    lines = []
+    for raw in text.split("\n"):
+        shown = ""
+        for piece in raw.split("\r"):
+            shown = piece + shown[len(piece):]
+        lines.append(shown.rstrip())
+    return lines
+
+
+def run(monkeypatch, capsys, *args: str, stderr: io.StringIO | None = None) -> tuple[int, str]:
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from dualhess.cli import main
+
+    fake = stderr if stderr is not None else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", fake)
+    code = main(["analyze", str(ROOT / "examples" / "torch_mlp.py"), *args])
+    monkeypatch.undo()
+    capsys.readouterr()
+    return code, fake.getvalue()
+
+
+MESSAGES = ("[torch] top-3 eigenvalues", "[torch] smallest eigenvalue", "[torch] trace (XTrace",
+            "[torch] spectral density", "[torch] gradient overlap")
+
+
+def test_bars_on_a_terminal_never_break_a_log_line(monkeypatch, capsys, tmp_path):
+    code, err = run(monkeypatch, capsys, *SMALL, "--framework", "torch", "--out",
+                    str(tmp_path), stderr=Terminal())
+    assert code == 0
+    # one bar per stage, each with a total that means something
+    assert "eigsh: 0/3 pairs converged" in err
+    assert "trace (xtrace): 0/20 products" in err
+    assert "density (2 probes x Lanczos): 0/15 steps" in err
+    assert "it/s" not in err and "/2000" not in err
+    shown = screen(err)
+    for message in MESSAGES:
+        hits = [line for line in shown if message in line]
+        assert len(hits) == 1 and hits[0].startswith(message), (message, hits)
+    # bars are cleared when their stage ends: none is left on the screen
+    assert not [line for line in shown if "|" in line and ("converged" in line
+                                                           or "products" in line)]
+
+
+def test_no_bars_off_a_terminal_and_quiet(monkeypatch, capsys, tmp_path):
+    code, err = run(monkeypatch, capsys, *SMALL, "--framework", "torch", "--out",
+                    str(tmp_path / "a"))
+    assert code == 0 and "\r" not in err
+    lines = err.splitlines()
+    for message in MESSAGES:
+        assert sum(line.startswith(message) for line in lines) == 1, message
+    code, err = run(monkeypatch, capsys, *SMALL, "--framework", "torch", "--quiet", "--out",
+                    str(tmp_path / "b"), stderr=Terminal())
+    assert code == 0 and err == ""
+
+
+@pytest.mark.both
+def test_landscape_and_gradient_overlap_in_the_report(monkeypatch, capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    import matplotlib.image
+
+    import dualhess
+    from dualhess._report import missing_keys
+
+    out = tmp_path / "report"
+    args = [a for a in SMALL if a != "--no-plots"]
+    code, _ = run(monkeypatch, capsys, *args, "--landscape", "--landscape-radius", "0.01",
+                  "--landscape-points", "5", "--out", str(out))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert missing_keys(report) == [] and "landscape.png" in report["files"]
+    image = matplotlib.image.imread(out / "landscape.png")
+    assert image.ndim == 3 and image.shape[0] > 200
+    assert "landscape.png" in (out / "report.md").read_text()
+    res_t, res_j = report["results"]["torch"], report["results"]["jax"]
+    land_t, land_j = res_t["landscape"], res_j["landscape"]
+    # identical directions (one sign rule) in both frameworks: the same slice
+    np.testing.assert_allclose(land_j["values"], land_t["values"], rtol=1e-12)
+    # against direct evaluations of the user's model at theta + t v_1
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import torch_mlp
+    finally:
+        sys.path.pop(0)
+    model, loss_fn, (X, y) = torch_mlp.model().double(), torch_mlp.loss(), torch_mlp.data()
+    op = dualhess.hessian(model, loss_fn, (X.double(), y), dtype="float64")
+    eig = dualhess.eigsh(op, k=1, tol=1e-12, seed=0)
+    v = eig.vectors[:, 0].numpy()
+    v = v if v[np.argmax(np.abs(v))] > 0 else -v
+    theta = op.params_flat.numpy()
+    for t, value in zip(land_t["offsets"][0], land_t["values"]):
+        shifted = op.layout.split(torch.from_numpy(theta + t * v))
+        with torch.no_grad():
+            direct = float(loss_fn(torch.func.functional_call(model, shifted, (X.double(),)), y))
+        assert value == pytest.approx(direct, rel=1e-10)
+    assert land_t["center_loss"] == pytest.approx(op.loss, rel=1e-14)
+    # second difference at 0 with h = 0.005: lambda_max to O(h^2)
+    assert land_t["curvature"] == pytest.approx(res_t["summary"]["lambda_max"], rel=1e-4)
+    # the gradient overlap with the top-3 eigenspace, the same in both frameworks
+    over_t, over_j = res_t["gradient_overlap"], res_j["gradient_overlap"]
+    assert over_t["k"] == 3 and 0.0 <= over_t["value"] <= 1.0
+    assert over_j["value"] == pytest.approx(over_t["value"], rel=1e-8)
+    assert report["agreement"]["landscape_max_abs_diff"] <= 1e-12 * max(land_t["values"])
