@@ -33,6 +33,7 @@ from ._array import (
     array_namespace,
     compiles_per_shape,
     device,
+    dtype_eps,
     dtype_name,
     from_numpy,
     places_itself,
@@ -423,21 +424,6 @@ class DenseOperator(Operator):
         return xp.linalg.diagonal(self.matrix) if hasattr(xp, "linalg") else xp.diagonal(self.matrix)
 
 
-def _rounding_unit(dtype: Any) -> float:
-    """Machine epsilon of a numpy dtype (ml_dtypes' bfloat16 too); float64's for integers."""
-    if np.dtype(dtype).kind in "iub":
-        return float(np.finfo(np.float64).eps)
-    try:
-        return float(np.finfo(dtype).eps)
-    except ValueError:
-        try:
-            import ml_dtypes
-
-            return float(ml_dtypes.finfo(dtype).eps)
-        except (ImportError, ValueError, TypeError):
-            return 2.0**-7  # bfloat16's, the coarsest float a matrix is stored in
-
-
 def _check_symmetric(M: np.ndarray) -> None:
     """Refuse ``M`` when ``||M - M^T||_F > 100 eps n ||M||_F`` (beyond rounding).
 
@@ -448,7 +434,7 @@ def _check_symmetric(M: np.ndarray) -> None:
     n = M.shape[0]
     kind = M.dtype.kind
     A = np.asarray(M, dtype=np.complex128 if kind == "c" else np.float64)
-    eps = _rounding_unit(M.dtype)
+    eps = dtype_eps(M.dtype)  # float64's for integer matrices
     if not np.all(np.isfinite(A)):
         return
     peak = float(np.abs(A).max()) if A.size else 0.0
