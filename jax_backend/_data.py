@@ -11,7 +11,7 @@ The operators are *fixed*: every product sees the same samples, so the batches a
 once, converted to device arrays and kept. Batches of the same shape are stacked into a
 *group*, so a whole-data-set product is one ``lax.scan`` per group inside one compiled
 function; an unequal last batch simply forms its own group. Each batch enters with the
-weight ``batch_size / total_size``, so the result is the exact mean over all samples
+weight ``batch_size / num_samples``, so the result is the exact mean over all samples
 (not a mean of batch means).
 """
 
@@ -82,7 +82,7 @@ class Dataset:
         One stacked pytree per distinct batch shape; leaves have shape
         ``(num_batches_in_group, batch_size, ...)``.
     weights : tuple of float
-        The weight ``batch_size / total_size`` of each batch in a group.
+        The weight ``batch_size / num_samples`` of each batch in a group.
     batch_sizes : tuple of int
         The size of every batch, in the order given.
     first : pytree
@@ -95,7 +95,7 @@ class Dataset:
     first: Any
 
     @property
-    def total_size(self) -> int:
+    def num_samples(self) -> int:
         """The number of samples over all batches."""
         return int(sum(self.batch_sizes))
 
@@ -103,13 +103,14 @@ class Dataset:
     def num_batches(self) -> int:
         return len(self.batch_sizes)
 
-    def batches(self) -> list[tuple[Any, float]]:
-        """Every batch (unstacked) with its weight; for reference computations."""
+    def batches(self) -> list[tuple[float, Any]]:
+        """Every batch (unstacked) with its weight, ``(weight, batch)`` as torch's
+        ``Dataset.batches()``; for reference computations."""
         out = []
         for group, weight in zip(self.groups, self.weights):
             count = jax.tree_util.tree_leaves(group)[0].shape[0]
             for i in range(count):
-                out.append((jax.tree_util.tree_map(lambda a, i=i: a[i], group), weight))
+                out.append((weight, jax.tree_util.tree_map(lambda a, i=i: a[i], group)))
         return out
 
 

@@ -7,7 +7,7 @@ ravel order). ``op.unravel(flat)`` and ``op.ravel(tree)`` go between the two for
 
 A product over the whole data set is one compiled function: for every group of equally
 shaped batches a ``lax.scan`` accumulates the per-batch products, each weighted by
-``batch_size / total_size`` (see :mod:`jax_backend.data`). ``matvec`` is compiled once;
+``batch_size / num_samples`` (see :mod:`jax_backend.data`). ``matvec`` is compiled once;
 ``matmat`` is ``jax.vmap`` of the same function over columns, compiled once per column
 count (``chunk_size`` columns; a last, smaller chunk is zero-padded so it reuses the
 compiled function).
@@ -169,7 +169,7 @@ class PytreeOperator(Operator):
 
     Subclasses provide ``_batch_product(flat_params, batch, v) -> (n,)`` for one batch
     (the curvature of the batch-mean loss); this class sums batches with weights
-    ``batch_size / total_size`` inside one jitted function and vmaps it over columns.
+    ``batch_size / num_samples`` inside one jitted function and vmaps it over columns.
 
     Attributes
     ----------
@@ -681,7 +681,7 @@ def dense_hessian(
     op = HessianOperator(loss_fn, params, data, dtype=dtype)
     hess = jax.jit(jax.hessian(op._flat_loss))
     total = jnp.zeros((op.n, op.n), dtype=op.dtype)
-    for batch, weight in op.dataset.batches():
+    for weight, batch in op.dataset.batches():
         total = total + weight * hess(op.params_flat, batch)
     if not bool(jnp.all(jnp.isfinite(total))):
         raise OperatorError("dense_hessian: the Hessian contains NaN or Inf")

@@ -202,11 +202,11 @@ def test_ravel_unravel_round_trip(op):
 def test_prepare_data_groups_by_shape():
     x = np.arange(10.0).reshape(10, 1)
     ds = prepare_data([x[:4], x[4:8], x[8:]], jnp.float64, "test")
-    assert ds.batch_sizes == (4, 4, 2) and ds.total_size == 10
+    assert ds.batch_sizes == (4, 4, 2) and ds.num_samples == 10
     assert [jax.tree_util.tree_leaves(g)[0].shape for g in ds.groups] == [(2, 4, 1), (1, 2, 1)]
     assert ds.weights == (0.4, 0.2)
-    assert [b.shape[0] for b, _ in ds.batches()] == [4, 4, 2]
-    assert sum(w for _, w in ds.batches()) == pytest.approx(1.0, abs=1e-15)
+    assert [b.shape[0] for _, b in ds.batches()] == [4, 4, 2]
+    assert sum(w for w, _ in ds.batches()) == pytest.approx(1.0, abs=1e-15)
 
 
 # ---------------------------------------------------------------- core algorithms on the operator
