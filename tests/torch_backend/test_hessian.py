@@ -42,8 +42,10 @@ def test_every_method_matches_dense(name):
 def test_auto_records_choice():
     model, X, y = trained("mlp")
     op = tb.hessian(model, CE, (X, y))
-    assert set(op.method_timings) == {"func", "autograd"}
-    assert op.method == min(op.method_timings, key=op.method_timings.get)
+    # the rule itself is tested with a patched clock in tests/torch_backend/test_engines.py
+    assert "autograd" in op.method_timings
+    assert ("func" in op.method_timings) != ("func" in op.method_failures)
+    assert op.method in ("autograd", "func") and op.matmat_method == f"{op.method} (columns)"
 
 
 @pytest.mark.parametrize("method", ["func", "autograd", "pyhessian"])
