@@ -288,3 +288,34 @@ def test_per_layer_table_has_one_row_per_flax_layer(digits_flat, kind):
     spectra = per_layer_spectra(op, include_total=False, trace_matvecs=4, seed=0)
     assert [layer.name for layer in spectra.layers] == expected
     assert all(len(layer.params) == 2 for layer in spectra.layers)  # kernel and bias together
+
+
+def test_linen_ggn_of_a_per_element_loss_has_the_fisher_convention():
+    """Issue 13, point 1 on the JAX side: a loss returning (N, C) per-element values is averaged
+    over N*C, so the GGN is r sum_n J_n^T H_n J_n with l_n summed over its C outputs and
+    r = 1/(N C) -- the same convention as torch's ggn and fisher (no 1/C slip)."""
+    import flax.linen as nn
+    import optax
+
+    module = nn.Dense(4, param_dtype=F64)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10, 3))
+    y = (rng.random((10, 4)) > 0.5).astype(np.float64)
+    variables = module.init(jax.random.key(0), x)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    op = from_linen(module, variables, optax.sigmoid_binary_cross_entropy, batches, curvature="ggn")
+    flat, unravel = ravel_pytree(variables["params"])
+
+    def sample_nll(out, target):  # l_n: the whole Bernoulli NLL of one sample
+        return jnp.sum(jax.nn.softplus(out) - target * out)
+
+    def outputs(w, xi):
+        return module.apply({"params": unravel(w)}, xi[None])[0]
+
+    expected = 0
+    for xi, yi in zip(x, y):
+        J = jax.jacobian(outputs)(flat, xi)  # (C, n)
+        H = jax.hessian(sample_nll)(outputs(flat, xi), yi)  # (C, C)
+        expected = expected + J.T @ H @ J
+    expected = np.asarray(expected) / (x.shape[0] * y.shape[1])
+    assert relative_error(op.to_dense(), expected) <= 1e-12
