@@ -71,12 +71,22 @@ class _FakeClock:
 )
 def test_auto_keeps_func_only_beyond_the_margin(monkeypatch, func, autograd, expected):
     model, X, y = _problem()
-    _FakeClock(monkeypatch, {"func": func, "autograd": autograd})
+    clock = _FakeClock(monkeypatch, {"func": func, "autograd": autograd})
+    problem, layout, selected, fixed = tb._hessian.build_objective(
+        model, CE, (X, y), tb._hessian.BuildOptions(check_deterministic=False))
+    v = torch.randn(layout.size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    best, _, _, timings, _, (_, first, second) = _engines.choose_engines(
+        problem, layout, selected, fixed, v, device_type="cuda")
+    assert best == expected and timings["autograd"] == pytest.approx(autograd)
+    assert timings["func"] == pytest.approx(func)
+    # both single products of the same vector were made: they are the determinism check
+    assert float(torch.linalg.norm(first - second)) <= 1e-12 * float(torch.linalg.norm(first))
+    # on a CPU: autograd, no func probe (the documented rule), matmat column by column
+    clock.now = 0.0
     op = tb.hessian(model, CE, (X, y))
-    assert op.method == expected
-    assert op.method_timings == pytest.approx({"autograd": autograd, "func": func})
-    # on a CPU matmat goes column by column through the matvec engine, without a probe
-    assert op.matmat_method == f"{expected} (columns)"
+    assert op.method == "autograd" and op.method_failures["func"].startswith("skipped")
+    assert op.method_timings == pytest.approx({"autograd": autograd})
+    assert op.matmat_method == "autograd (columns)"
     H = _dense(model, X, y)
     V = torch.randn(op.n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert float(torch.linalg.norm(op.matmat(V) - H @ V) / torch.linalg.norm(H @ V)) <= 1e-12
@@ -88,13 +98,31 @@ def test_auto_keeps_func_only_beyond_the_margin(monkeypatch, func, autograd, exp
 def test_auto_skips_func_when_autograd_beats_the_gradient(monkeypatch):
     model, X, y = _problem()
     _FakeClock(monkeypatch, {"func": 0.1, "autograd": 1.0}, build=2.0)
+    problem, layout, selected, fixed = tb._hessian.build_objective(
+        model, CE, (X, y), tb._hessian.BuildOptions(check_deterministic=False))
+    v = torch.randn(layout.size, dtype=torch.float64)
+    best, _, _, timings, failures, _ = _engines.choose_engines(
+        problem, layout, selected, fixed, v, device_type="cuda")
+    assert best == "autograd" and "func" not in timings
+    assert "gradient graph" in failures["func"]
+
+
+def test_auto_falls_back_to_func_when_autograd_fails(monkeypatch):
+    model, X, y = _problem()
+
+    def broken(engine, v):
+        raise RuntimeError("double backward is not implemented for this layer")
+
+    monkeypatch.setattr(_engines.AutogradEngine, "matvec", broken)
     op = tb.hessian(model, CE, (X, y))
-    assert op.method == "autograd" and "func" not in op.method_timings
-    assert op.method_failures["func"].startswith("skipped")
+    assert op.method == "func" and "not implemented" in op.method_failures["autograd"]
+    H = _dense(model, X, y)
+    v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert float(torch.linalg.norm(op.matvec(v) - H @ v)) <= 1e-12 * float(torch.linalg.norm(H @ v))
 
 
 def test_auto_costs_at_most_three_products(monkeypatch):
-    """Construction = one graph + one product per probed engine (+ none for the checks)."""
+    """Construction = one graph + at most two single products (the probes and the check)."""
     model, X, y = _problem()
     calls = {"func": 0, "autograd": 0}
     for name in calls:
