@@ -139,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a parameter block: comma-separated parameter names or name "
                     "prefixes (e.g. 'conv1' or '0.weight,0.bias'); default all parameters")
     an.add_argument("--per-layer", action="store_true",
-                    help="also compute the top eigenvalue and trace of each layer's Hessian "
-                    "block (in the model's own framework): a table, report.json's per_layer "
-                    "and per_layer.png")
+                    help="also compute the top eigenvalue, trace and eigenvalue density of "
+                    "each layer's Hessian block (in the model's own framework), with the "
+                    "Jensen-Shannon distances between the blocks' densities: a table, "
+                    "report.json's per_layer, per_layer.png and per_layer_density.png")
     an.add_argument("--landscape", action="store_true",
                     help="also evaluate the loss along the top eigenvector in each framework: "
                     "landscape.png (frameworks overlaid) and report.json's landscape")
@@ -335,15 +336,27 @@ def _per_layer(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, lo
     from ._per_layer import per_layer_spectra
     from .backends import hessian
 
-    log("per-layer spectra: the Hessian block of each layer")
+    log("per-layer spectra: the Hessian block of each layer, with its eigenvalue density")
     op = hessian(model, loss_fn, data, dtype=args.dtype)
-    spectra = per_layer_spectra(op, groups="layer", trace_matvecs=args.trace_matvecs, seed=args.seed)
+    spectra = per_layer_spectra(op, groups="layer", trace_matvecs=args.trace_matvecs,
+                                seed=args.seed, density=True,
+                                density_probes=args.density_probes,
+                                density_steps=args.density_steps)
     print(spectra.table())
     if not args.no_plots:
+        from ._plotting import pyplot
+
+        pyplot(headless=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         spectra.plot(out / "per_layer.png")
-    return {"framework": op.framework, "rows": spectra.rows()}
+        spectra.plot_densities(out / "per_layer_density.png")
+    names, distances = spectra.distances()
+    densities = {name: {"grid": d.grid.tolist(), "values": d.values.tolist(),
+                        "sigma": float(d.sigma), "num_matvecs": int(d.num_matvecs)}
+                 for name, d in spectra.densities().items()}
+    return {"framework": op.framework, "rows": spectra.rows(), "densities": densities,
+            "distances": {"names": names, "jensen_shannon": distances.tolist()}}
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -137,3 +137,21 @@ def test_landscape_and_gradient_overlap_in_the_report(monkeypatch, capsys, tmp_p
     assert over_t["k"] == 3 and 0.0 <= over_t["value"] <= 1.0
     assert over_j["value"] == pytest.approx(over_t["value"], rel=1e-8)
     assert report["agreement"]["landscape_max_abs_diff"] <= 1e-12 * max(land_t["values"])
+
+
+def test_per_layer_writes_block_densities(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "report"
+    args = [a for a in SMALL if a != "--no-plots"]
+    code, _ = run(monkeypatch, capsys, *args, "--framework", "torch", "--per-layer", "--out",
+                  str(out))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"per_layer.png", "per_layer_density.png"} <= set(report["files"])
+    per_layer = report["per_layer"]
+    assert per_layer["distances"]["names"] == ["0", "2"] == list(per_layer["densities"])
+    D = np.asarray(per_layer["distances"]["jensen_shannon"])
+    assert np.allclose(D, D.T) and np.all(np.diag(D) == 0) and 0 < D[0, 1] <= 1
+    for dens in per_layer["densities"].values():
+        grid, values = np.asarray(dens["grid"]), np.asarray(dens["values"])
+        assert np.sum(np.diff(grid) * (values[1:] + values[:-1])) / 2 == pytest.approx(1.0)
+    assert "per_layer_density.png" in (out / "report.md").read_text()
