@@ -15,7 +15,6 @@ Examples
 
 from __future__ import annotations
 
-from ._convert import Twin, UnsupportedOpError, batch_from_torch, from_torch, loss_from_torch
 from ._curvature import GGNOperator, ggn
 from ._data import Dataset, prepare_data
 from ._flax import from_linen, from_nnx
@@ -29,6 +28,7 @@ from ._hessian import (
 )
 from ._input import InputHessianOperator, input_hessian
 from .monitor import HessianMonitor
+from .twin import Twin, UnsupportedOpError, batch_from_torch, from_torch, loss_from_torch
 
 __all__ = [
     "from_torch",

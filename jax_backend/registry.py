@@ -1,7 +1,7 @@
 """The JAX backend as the core's registry sees it (:class:`dualhess.backends.Backend`).
 
 Besides Flax models it builds the JAX side of a cross-framework check: the twin of a PyTorch
-model (:func:`jax_backend.convert.from_torch`) and its Hessian over the same data. It reads
+model (:func:`jax_backend.from_torch`, from ``torch.export``) and its Hessian over the same data. It reads
 torch objects with torch itself, never through ``torch_backend``.
 """
 
@@ -48,6 +48,11 @@ def _is_nnx(model: Any) -> bool:
     return isinstance(model, nnx.Module)
 
 
+def _num_samples(targets: Any) -> int:
+    leaves = jax.tree_util.tree_leaves(targets)
+    return int(np.shape(leaves[0])[0]) if leaves else 1
+
+
 def _torch_batches(data: Any) -> list[Any]:
     import torch
 
@@ -56,39 +61,22 @@ def _torch_batches(data: Any) -> list[Any]:
     return list(data)
 
 
-def _select_block(twin: Any, names: list[str]) -> tuple[dict, Any, Alignment]:
-    """Split the twin's params into (selected sub-tree, merge function, block alignment)."""
+def _select_block(twin: Any, names: list[str]) -> tuple[Any, Any, Alignment]:
+    """(the block's parameters, a function completing them to all parameters, its alignment).
+
+    The twin keeps torch's names and order, so the block's alignment is the identity too.
+    """
+    from .twin import ParamDict
+    from .twin._alignment import alignment_by_name
+
     wanted = set(names)
-    selected: dict[str, Any] = {}
-    for entry in twin.torch_layout.entries:
-        if entry.name in wanted:
-            node, path = twin.params, entry.name.split(".")
-            for key in path:
-                node = node[key]
-            cursor = selected
-            for key in path[:-1]:
-                cursor = cursor.setdefault(key, {})
-            cursor[path[-1]] = node
+    selected = ParamDict((n, v) for n, v in twin.params.items() if n in wanted)
 
-    def merge(sub: dict[str, Any]) -> dict[str, Any]:
-        def rec(full: Any, part: Any) -> Any:
-            if not isinstance(full, dict):
-                return part
-            return {k: (rec(v, part[k]) if k in part else v) for k, v in full.items()}
+    def merge(sub: Any) -> Any:
+        return ParamDict((n, sub[n] if n in wanted else v) for n, v in twin.params.items())
 
-        return rec(twin.params, sub)
-
-    # torch positions of the block, in torch order
-    torch_idx = np.concatenate([idx for name, idx in twin.align.blocks if name in wanted])
-    position = {int(t): i for i, t in enumerate(torch_idx)}
-    full_jax_to_torch = twin.align.perm  # jax position p holds torch index perm[p]
-    perm = np.array([position[int(t)] for t in full_jax_to_torch if int(t) in position], dtype=np.int64)
-    blocks, start = [], 0
-    for name, idx in twin.align.blocks:
-        if name in wanted:
-            blocks.append((name, np.arange(start, start + idx.shape[0])))
-            start += idx.shape[0]
-    return selected, merge, Alignment(perm, blocks)
+    align, _ = alignment_by_name((n, tuple(v.shape)) for n, v in selected.items())
+    return selected, merge, align
 
 
 class JaxBackend:
@@ -168,13 +156,17 @@ class JaxBackend:
         params: Any = None,
         chunk_size: int | None = None,
     ) -> tuple[Any, Alignment]:
-        """The Hessian of a PyTorch model's Flax/JAX twin over the same data.
+        """The Hessian of a PyTorch model's JAX twin (model and loss exported together).
 
-        Returns the JAX operator and the :class:`~dualhess.alignment.Alignment` from the torch
-        operator's flat order (``torch_backend.hessian(..., params=params)``) to its own.
+        ``torch_loss`` is any ``(outputs, targets) -> scalar`` callable (a loss module, a
+        lambda over ``out.logits``); inputs may be tensors, tuples or dicts. Batches of
+        another shape (an unequal last batch) get their own exported graph. Returns the JAX
+        operator and the :class:`~dualhess.Alignment` from the torch operator's flat order
+        (``torch_backend.hessian(..., params=params)``) to its own: the identity, since the
+        twin keeps torch's parameter names and order.
         """
-        from ._convert import batch_from_torch, from_torch, loss_from_torch
         from ._hessian import hessian
+        from .twin import batch_from_torch, from_torch
 
         jdtype = jax_dtype(dtype)
         if jdtype == jnp.float64 and not jax.config.jax_enable_x64:
@@ -185,14 +177,13 @@ class JaxBackend:
         batches = _torch_batches(torch_data)
         if not batches:
             raise ValueError("twin_hessian: the data is empty")
-        inputs0 = batches[0][0]
-        twin = from_torch(torch_model, inputs0, dtype=np.dtype(np.float64 if jdtype == jnp.float64 else np.float32))
-        loss = loss_from_torch(torch_loss)
+        np_dtype = np.dtype(np.float64 if jdtype == jnp.float64 else np.float32)
+        twin = from_torch(torch_model, batches[0][0], loss=torch_loss,
+                          example_targets=batches[0][1], dtype=np_dtype)
+        for inputs, targets in batches[1:]:
+            twin.prepare(inputs, targets)  # export every distinct batch signature now
         reduction = getattr(torch_loss, "reduction", "mean")
         jax_batches = [tuple(batch_from_torch(tuple(b))) for b in batches]
-
-        def call(p: Any, inputs: Any) -> Any:
-            return twin.apply(p, *inputs) if isinstance(inputs, (tuple, list)) else twin.apply(p, inputs)
 
         if params is None:
             align, tree = twin.align, twin.params
@@ -202,21 +193,22 @@ class JaxBackend:
         else:
             from dualhess._operator import ParamLayout
 
-            names = [e.name for e in twin.torch_layout.select(params)] if not isinstance(params, ParamLayout) else params.names
+            names = (params.names if isinstance(params, ParamLayout)
+                     else [e.name for e in twin.torch_layout.select(params)])
             tree, full, align = _select_block(twin, names)
 
         if reduction == "sum":
             # jax_backend.hessian averages over samples; a summed loss is N x that average.
-            total = sum(int(np.shape(b[1])[0]) for b in jax_batches)
+            total = sum(_num_samples(b[1]) for b in jax_batches)
 
             def loss_fn(p: Any, batch: Any) -> Any:
                 inputs, targets = batch
-                return loss(call(full(p), inputs), targets) / np.shape(targets)[0] * total
+                return twin.loss(full(p), inputs, targets) / _num_samples(targets) * total
         else:
 
             def loss_fn(p: Any, batch: Any) -> Any:
                 inputs, targets = batch
-                return loss(call(full(p), inputs), targets)
+                return twin.loss(full(p), inputs, targets)
 
         op = hessian(loss_fn, tree, jax_batches, chunk_size=chunk_size, dtype=jdtype)
         op.twin = twin

@@ -1,4 +1,4 @@
-"""torch -> JAX twin converter: outputs, dense Hessians under the alignment, losses, errors.
+"""torch -> JAX twin (torch.export): outputs, dense Hessians under the alignment, losses, errors.
 
 Everything runs in float64 (jax x64 is enabled in conftest.py). References are exact: torch's
 own outputs and its dense Hessian (``torch.autograd.functional.hessian``, double backward).
@@ -21,7 +21,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-from jax_backend._convert import (  # noqa: E402
+from jax_backend.twin import (  # noqa: E402
     Twin,
     UnsupportedOpError,
     batch_from_torch,
@@ -50,15 +50,15 @@ def _converted(name: str) -> tuple[models.ModelCase, Twin]:
 @cache
 def _hessians(name: str) -> tuple[np.ndarray, np.ndarray]:
     """(torch dense Hessian in torch order, JAX dense Hessian in ravel_pytree order)."""
-    case, twin = _converted(name)
+    case = models.build(name)
+    twin = from_torch(case.model, case.inputs, loss=case.loss, example_targets=case.targets)
     h_torch = models.torch_dense_hessian(case).numpy()
-    loss = loss_from_torch(case.loss)
     flat, unravel = ravel_pytree(twin.params)
-    inputs = [x.numpy() for x in case.inputs]
+    inputs = tuple(x.numpy() for x in case.inputs)
     targets = case.targets.numpy()
 
     def loss_of_flat(v):
-        return loss(twin.apply(unravel(v), *inputs), targets)
+        return twin.loss(unravel(v), inputs, targets)
 
     # XLA optimisation level 0: same arithmetic, half the compile time of these one-off programs
     compiled = jax.jit(jax.hessian(loss_of_flat)).lower(flat).compile(
@@ -90,11 +90,9 @@ def test_dense_hessian_matches_torch_under_alignment(name):
     h_torch, h_jax = _hessians(name)
     n = twin.align.n
     assert h_torch.shape == h_jax.shape == (n, n)
-    perm = twin.align.perm
-    assert _rel_err(h_torch[np.ix_(perm, perm)], h_jax) <= HESSIAN_RTOL
-    # the alignment is what makes them agree: the unpermuted matrices differ
-    if not np.array_equal(perm, np.arange(n)):
-        assert _rel_err(h_torch, h_jax) > 1e-3
+    # parameters keep torch's names, order and layouts: the alignment is the identity
+    np.testing.assert_array_equal(twin.align.perm, np.arange(n))
+    assert _rel_err(h_torch, h_jax) <= HESSIAN_RTOL
     # and the loss values agree
     loss = loss_from_torch(case.loss)
     value = float(loss(twin(*[x.numpy() for x in case.inputs]), case.targets.numpy()))
@@ -128,24 +126,20 @@ def test_alignment_maps_torch_params_onto_ravelled_twin_params(name):
     assert sorted(twin.jax_layout.names) == sorted(names)
 
 
-def test_params_are_keyed_by_module_path_in_jax_layouts():
+def test_params_keep_torch_names_order_and_layouts():
     case, twin = _converted("resnet")
-    block = case.model.layer2[0]
-    w = twin.params["layer2"]["0"]["conv2"]["weight"]
-    assert w.shape == (3, 3, 3, 3) and w.dtype == jnp.float64
-    np.testing.assert_array_equal(
-        np.asarray(twin.params["layer2"]["0"]["downsample"]["0"]["weight"]),
-        block.downsample[0].weight.detach().numpy().transpose(2, 3, 1, 0),  # OIHW -> HWIO
-    )
-    np.testing.assert_array_equal(
-        np.asarray(twin.params["fc"]["weight"]), case.model.fc.weight.detach().numpy().T
-    )
-    assert "running_mean" not in twin.params["bn1"]  # buffers are constants, not params
+    names, tensors = models.flat_trainable(case.model)
+    assert list(twin.params) == names  # named_parameters() order, flattened in that order
+    for name, tensor in zip(names, tensors):
+        np.testing.assert_array_equal(np.asarray(twin.params[name]), tensor.detach().numpy())
+    assert twin.params["layer2.0.conv2.weight"].dtype == jnp.float64
+    assert twin.params["fc.weight"].shape == (10, 3)  # Linear keeps (out, in)
+    assert not any("running" in n for n in twin.params)  # buffers are constants
 
     case, twin = _converted("functional")
     assert "frozen" not in twin.params and "offset" not in twin.params
-    assert twin.params["conv_weight"].shape == (5, 1, 3, 3)  # raw parameters keep torch layout
-    assert twin.params["proj"]["weight"].shape == (12, 6)
+    assert twin.params["conv_weight"].shape == (5, 1, 3, 3)
+    assert twin.params["proj.weight"].shape == (6, 12)
 
 
 def test_embedding_padding_row_gets_no_curvature_on_both_sides():
@@ -166,11 +160,9 @@ def test_linen_module_is_the_same_function():
     module = twin.linen_module()
     x = case.inputs[0].numpy()
     variables = module.init(jax.random.key(0), x)
-    assert jax.tree_util.tree_structure(variables["params"]) == jax.tree_util.tree_structure(
-        twin.params
-    )
-    np.testing.assert_array_equal(ravel_pytree(variables["params"])[0],
-                                  ravel_pytree(twin.params)[0])
+    assert set(variables["params"]) == set(twin.params)
+    for name, value in twin.params.items():
+        np.testing.assert_array_equal(np.asarray(variables["params"][name]), np.asarray(value))
     np.testing.assert_array_equal(np.asarray(module.apply(variables, x)), np.asarray(twin(x)))
 
 
@@ -241,7 +233,7 @@ def test_batchnorm_without_running_stats_and_conv_padding_modes():
 
 class _Spectral(nn.Module):
     def forward(self, x):
-        return torch.fft.fft(x).real
+        return torch.fft.fft(x).real  # the line the error names
 
 
 class _WithSpectral(nn.Module):
@@ -254,21 +246,39 @@ class _WithSpectral(nn.Module):
         return self.block(self.lin(x))
 
 
-def test_unsupported_function_names_op_and_module_path():
+def test_unsupported_operator_names_op_source_line_and_how_to_report():
     assert issubclass(UnsupportedOpError, NotImplementedError)
-    with pytest.raises(UnsupportedOpError, match=r"torch\.fft\.fft.*'block\.1'"):
+    with pytest.raises(UnsupportedOpError) as info:
         from_torch(_WithSpectral().double(), torch.zeros(2, 4, dtype=torch.float64))
+    message = str(info.value)
+    assert "aten._fft_" in message  # the ATen operator
+    assert "test_convert.py" in message and "torch.fft.fft(x).real" in message  # the line
+    assert "module 'block.1'" in message
+    assert "docs/twin-operators.md" in message and "report" in message
 
 
-def test_unsupported_module_names_op_and_module_path():
-    net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.LSTM(4, 3)))
-    with pytest.raises(UnsupportedOpError, match=r"LSTM.*'1\.0'"):
-        from_torch(net, torch.zeros(2, 5, 4))
+class _LastState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 3, batch_first=True)
 
-
-class _Cumsum(nn.Module):
     def forward(self, x):
-        return x.cumsum(1)
+        return self.lstm(x)[0][:, -1]
+
+
+class _Sorted(nn.Module):
+    def forward(self, x):
+        return x.sort(dim=-1).values
+
+
+def test_unsupported_operator_in_a_submodule_names_it():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(_Sorted()))
+    with pytest.raises(UnsupportedOpError, match=r"aten\.sort\.\S+.*module '1\.0', _Sorted"):
+        from_torch(net, torch.zeros(2, 4))
+
+
+def test_lstm_decomposes_to_supported_operators():
+    _check_outputs(_LastState(), torch.randn(2, 5, 4, dtype=torch.float64))
 
 
 class _Branchy(nn.Module):
@@ -276,10 +286,8 @@ class _Branchy(nn.Module):
         return x if x.sum() > 0 else -x
 
 
-def test_unsupported_method_and_untraceable_module():
-    with pytest.raises(UnsupportedOpError, match=r"cumsum.*<root>"):
-        from_torch(_Cumsum(), torch.zeros(2, 3))
-    with pytest.raises(UnsupportedOpError, match="could not trace"):
+def test_unexportable_model_gives_torch_export_reason():
+    with pytest.raises(UnsupportedOpError, match="torch.export could not capture _Branchy"):
         from_torch(_Branchy(), torch.zeros(2, 3))
 
 
@@ -293,7 +301,7 @@ def test_train_mode_dropout_and_batchnorm_ask_for_eval():
         from_torch(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).train(), torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"BatchNorm1d at '0'.*model\.eval\(\)"):
         from_torch(nn.Sequential(nn.BatchNorm1d(3)).train(), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+    with pytest.raises(ValueError, match=r"dropout\(train=True\).*model\.eval\(\)"):
         from_torch(_FunctionalDropout().train(), torch.zeros(2, 3))
     twin = from_torch(_FunctionalDropout().eval(), torch.ones(2, 3))  # identity in eval
     np.testing.assert_array_equal(np.asarray(twin(np.ones((2, 3)))), np.ones((2, 3)))
@@ -302,13 +310,12 @@ def test_train_mode_dropout_and_batchnorm_ask_for_eval():
 class _AliasedInplace(nn.Module):
     def forward(self, x):
         y = x * 2
-        z = F.relu(y, inplace=True)
+        z = F.relu(y, inplace=True)  # y is relu'd too: torch.export keeps that meaning
         return y + z
 
 
-def test_inplace_op_on_shared_tensor_is_refused():
-    with pytest.raises(UnsupportedOpError, match="in-place"):
-        from_torch(_AliasedInplace(), torch.randn(2, 3))
+def test_inplace_op_on_shared_tensor_keeps_torch_semantics():
+    _check_outputs(_AliasedInplace(), torch.randn(2, 3, dtype=torch.float64))
 
 
 def test_bad_arguments():
@@ -316,6 +323,8 @@ def test_bad_arguments():
         from_torch(lambda x: x, torch.zeros(1))
     with pytest.raises(ValueError, match="float32 or float64"):
         from_torch(nn.Linear(2, 2), torch.zeros(1, 2), dtype=np.int32)
+    with pytest.raises(ValueError, match="example_targets"):
+        from_torch(nn.Linear(2, 2), torch.zeros(1, 2), loss=nn.MSELoss())
 
 
 # ------------------------------------------------------------------------- losses
