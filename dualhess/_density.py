@@ -210,4 +210,5 @@ def density(
         weights=weights,
         num_matvecs=int(tri.num_matvecs),
         sigma=sigma,
+        precision=tri.precision,
     )

@@ -44,6 +44,7 @@ from ._array import (
 from ._docs import fill_doc
 from ._errors import NotConvergedWarning
 from ._operator import Operator, OperatorError
+from ._precision import WorkPrecisionOperator, precision_of, recomputed_residuals
 from ._results import Eigen
 from ._util import check_operator, progress_bar
 
@@ -325,7 +326,11 @@ def eigsh(
     tol : float
         A pair ``(lambda, v)`` has converged when ``||H v - lambda v|| <= tol * max|theta|``,
         with ``max|theta|`` the largest Ritz value in magnitude (an estimate of ``||H||``).
-        ``tol`` is raised to ten times the machine epsilon of the operator's dtype.
+        ``tol`` is raised to ten times the machine epsilon of the operator's dtype. A
+        bfloat16/float16 operator runs its Krylov work in float32 and stops once the residuals
+        reach the unit roundoff of its products; its ``residuals`` are then recomputed with
+        ``k`` fresh products and ``converged`` is judged on them against ``tol`` itself, so a
+        ``tol`` below what 16-bit products support is reported as not converged.
     max_matvecs : int, optional
         Budget of operator products (default ``100 * max_basis``). When it runs out the
         current pairs are returned with ``converged`` False where they have not converged,
@@ -458,6 +463,12 @@ def eigsh(
 
     eps = _eps(op)
     tol_eff = max(tol, 10 * eps)
+    low = isinstance(op, WorkPrecisionOperator)
+    tol_claim = tol_eff
+    if low:
+        # The Krylov work is float32; the products carry 16 bits. Iterate down to the
+        # products' unit roundoff at most (further steps only fit their rounding noise).
+        tol_eff = max(tol_eff, op.product_eps / 2)
     keep_count = min(k + (m - k) // 2, m - b)
     start_count = op.num_matvecs
     kry = _Krylov(op, default_rng(seed), eps, capacity=m + 3 + b)
@@ -533,23 +544,41 @@ def eigsh(
     theta, Y, res = kry.ritz()
     scale = float(np.max(np.abs(theta), initial=0.0))
     wanted = _select(theta, k, which)
-    converged = res[wanted] <= tol_eff * scale
+    residuals = res[wanted].copy()
+    vectors = kry.vectors(Y[:, wanted]) if return_vectors or low else None
+    if low:
+        # 16-bit products: the Krylov relation holds for the rounded products it was built
+        # from, not for the operator. Fresh products of the returned vectors (k more) give
+        # the residuals the arithmetic supports, and convergence is judged on those against
+        # the tolerance asked for (never the 16-bit floor it was stopped at).
+        residuals = np.maximum(residuals, recomputed_residuals(op, vectors, theta[wanted]))
+        converged = residuals <= tol_claim * scale
+    else:
+        converged = residuals <= tol_eff * scale
     if not np.all(converged):
         reason = "max_matvecs" if exhausted else "the basis"
+        advice = "raise max_matvecs or max_basis, or loosen tol"
+        if low and not exhausted:
+            reason = f"the rounding of {op.product_dtype} products"
+            worst = float(np.max(residuals) / max(scale, np.finfo(float).tiny))
+            advice = (
+                f"their relative residuals ({worst:.1e}) are at the level {op.product_dtype} "
+                f"arithmetic supports (eps {op.product_eps:.1e}); loosen tol or compute in "
+                "float32 (dtype=torch.float32 / float32 parameters)"
+            )
         warnings.warn(
             f"eigsh: {int(np.sum(~converged))} of {k} eigenpairs did not reach tol={tol:g} "
-            f"within {reason} ({op.num_matvecs - start_count} products); raise max_matvecs "
-            "or max_basis, or loosen tol",
+            f"within {reason} ({op.num_matvecs - start_count} products); {advice}",
             NotConvergedWarning,
             stacklevel=2,
         )
-    vectors = kry.vectors(Y[:, wanted]) if return_vectors else None
     return Eigen(
         values=theta[wanted].copy(),
-        vectors=vectors,
-        residuals=res[wanted].copy(),
+        vectors=vectors if return_vectors else None,
+        residuals=residuals,
         converged=np.asarray(converged, dtype=bool),
         num_matvecs=op.num_matvecs - start_count,
         which=which,
         tol=tol,
+        precision=precision_of(op),
     )

@@ -18,6 +18,7 @@ import numpy as np
 from ._array import array_namespace, default_rng, device, dtype_eps, safe_vector_norm, to_numpy
 from ._docs import fill_doc
 from ._operator import Operator
+from ._precision import precision_of
 from ._results import Tridiagonal
 from ._util import check_operator, check_positive_int, progress_bar
 
@@ -201,4 +202,5 @@ def lanczos(
         breakdown=steps < m,
         num_steps=steps,
         norm=norms_np,
+        precision=precision_of(op),
     )

@@ -20,6 +20,7 @@ import numpy as np
 from ._array import array_namespace, default_rng, safe_norm
 from ._eigsh import NotConvergedWarning
 from ._operator import Operator, OperatorError
+from ._precision import WorkPrecisionOperator, precision_of
 from ._results import Eigen
 from ._util import check_operator, check_positive_int, progress_bar
 
@@ -98,6 +99,11 @@ def power_iteration(
         raise ValueError(f"power_iteration: tol must be a positive number, got {tol}")
     rng = default_rng(seed)
     start_count = op.num_matvecs
+    # 16-bit products: a relative change below their unit roundoff is rounding noise, so
+    # the iteration stops there, and claims convergence only for a tol it can resolve.
+    low = isinstance(op, WorkPrecisionOperator)
+    stop_tol = max(tol, op.product_eps / 2) if low else tol
+    resolvable = stop_tol == tol
 
     found: list[Any] = []
     values = np.zeros(k)
@@ -126,10 +132,10 @@ def power_iteration(
                 values[i] = value
                 residuals[i] = safe_norm(w - value * v, xp)
                 vector = v
-                if previous is not None and abs(previous - value) <= tol * max(
+                if previous is not None and abs(previous - value) <= stop_tol * max(
                     abs(previous), abs(value)
                 ):
-                    converged[i] = True
+                    converged[i] = resolvable
                     break
                 previous = value
                 norm = safe_norm(w, xp)
@@ -144,7 +150,13 @@ def power_iteration(
     if not np.all(converged):
         warnings.warn(
             f"power_iteration: {int(np.sum(~converged))} of {k} eigenvalues did not reach "
-            f"tol={tol:g} within max_iter={max_iter}; raise max_iter",
+            f"tol={tol:g} within max_iter={max_iter}; raise max_iter"
+            + (
+                f" (with {op.product_dtype} products a relative change below "
+                f"{op.product_eps / 2:.1e} is rounding: loosen tol or compute in float32)"
+                if low and not resolvable
+                else ""
+            ),
             NotConvergedWarning,
             stacklevel=2,
         )
@@ -157,5 +169,6 @@ def power_iteration(
         num_matvecs=op.num_matvecs - start_count,
         which="LM",
         tol=tol,
+        precision=precision_of(op),
     )
 

@@ -81,6 +81,7 @@ class Tridiagonal(Result):
     breakdown: Any = None
     num_steps: Any = None
     norm: Any = None
+    precision: str | None = None
     _skip_in_dict = ("basis",)
 
     def matrix(self, probe: int | None = None) -> np.ndarray:
@@ -111,6 +112,11 @@ class Eigen(Result):
         ``||H v - lambda v||`` for each pair.
     converged : ndarray of bool, shape (k,)
     num_matvecs : int
+    precision : str, optional
+        What the numbers carry: the operator's dtype (``"float32"``), or for a 16-bit
+        operator e.g. ``"bfloat16 products, float32 arithmetic"`` (its residuals are then
+        recomputed with fresh products, and ``converged`` judged on them). Every result type
+        has this field.
     """
 
     values: np.ndarray
@@ -120,6 +126,7 @@ class Eigen(Result):
     num_matvecs: int
     which: str = "LA"
     tol: float | None = None
+    precision: str | None = None
     _skip_in_dict = ("vectors",)
 
     @property
@@ -136,6 +143,7 @@ class TraceEstimate(Result):
     num_matvecs: int
     method: str
     samples: Any = None
+    precision: str | None = None
     _skip_in_dict = ("samples",)
 
     def __float__(self) -> float:
@@ -149,6 +157,7 @@ class DiagonalEstimate(Result):
     values: Any
     num_matvecs: int
     method: str
+    precision: str | None = None
 
     def numpy(self) -> np.ndarray:
         return to_numpy(self.values)
@@ -178,6 +187,7 @@ class SpectralDensity(Result):
     weights: np.ndarray
     num_matvecs: int
     sigma: float = 0.0
+    precision: str | None = None
 
     def plot(self, ax: Any = None, *, log: bool = True, label: str | None = None, **kwargs: Any) -> Any:
         """Draw the density with matplotlib (log scale by default); returns the axes."""

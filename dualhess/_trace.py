@@ -26,6 +26,7 @@ import numpy as np
 from ._array import array_namespace, default_rng, dtype_eps, safe_column_norms, to_numpy
 from ._docs import fill_doc
 from ._operator import Operator
+from ._precision import precision_of
 from ._results import TraceEstimate
 from ._util import check_operator, check_positive_int, progress_bar
 
@@ -320,7 +321,7 @@ def trace(
         value = float(op.exact_trace())
         if not math.isfinite(value):
             raise FloatingPointError(f"{where}: the exact trace is not finite ({value})")
-        return TraceEstimate(value, 0.0, op.num_matvecs - before, "exact")
+        return TraceEstimate(value, 0.0, op.num_matvecs - before, "exact", None, precision_of(op))
 
     m = check_positive_int(num_matvecs, "num_matvecs", where)
     minimum = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}[method]
@@ -350,4 +351,4 @@ def trace(
         bar.close()
     if not math.isfinite(value):
         raise FloatingPointError(f"{where}: the estimate is not finite ({value})")
-    return TraceEstimate(value, stderr, spent, method, samples)
+    return TraceEstimate(value, stderr, spent, method, samples, precision_of(op))

@@ -12,9 +12,12 @@ __all__ = ["check_operator", "check_positive_int", "progress_bar", "check_finite
 
 
 def check_operator(op: Any, where: str) -> Operator:
-    """Accept an :class:`Operator`; wrap a plain 2-D array in a :class:`DenseOperator`."""
+    """Accept an :class:`Operator`; wrap a plain 2-D array in a :class:`DenseOperator`; a
+    16-bit operator is seen through float32 vectors (:mod:`dualhess._precision`)."""
+    from ._precision import in_work_precision
+
     if isinstance(op, Operator):
-        return op
+        return in_work_precision(op)
     shape = getattr(op, "shape", None)
     if shape is not None and len(shape) == 2:
         from ._operator import DenseOperator

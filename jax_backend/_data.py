@@ -61,7 +61,7 @@ def _to_device(leaf: Any, dtype: Any, where: str, name: str) -> jax.Array:
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         leaf = np.asarray(leaf)
     kind = np.dtype(leaf.dtype).kind
-    if kind == "f":
+    if kind == "f" or jnp.issubdtype(leaf.dtype, jnp.floating):  # bfloat16's numpy kind is "V"
         return jnp.asarray(leaf, dtype=dtype)
     if kind in "iu" and np.dtype(leaf.dtype).itemsize == 8 and not x64_enabled():
         return jnp.asarray(np.asarray(leaf).astype(np.int32 if kind == "i" else np.uint32))
