@@ -39,7 +39,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax.numpy as jnp
+
 from dualhess._docs import fill_doc
+from dualhess._operator import OperatorError
 from dualhess._tracking import DEFAULT_MONITOR_METRICS, SpectrumTracker, TrackerViews
 
 from ._hessian import HessianOperator, hessian
@@ -107,9 +110,27 @@ class HessianMonitor(TrackerViews):
         )
 
     def operator(self, params: Any) -> HessianOperator:
-        """The Hessian operator at ``params`` on the monitoring set."""
-        return hessian(self.loss_fn, params, self.data, chunk_size=self.chunk_size,
-                       dtype=self.dtype)
+        """The Hessian operator at ``params`` on the monitoring set.
+
+        The first call builds it; later calls with parameters of the same structure move it
+        to the new point (its compiled products take the parameters as an argument), so a
+        measurement compiles nothing new.
+        """
+        op = getattr(self, "_op", None)
+        if op is not None:
+            try:
+                flat = op.ravel(params)
+            except OperatorError:
+                op = None  # another structure: build afresh
+            else:
+                if not bool(jnp.all(jnp.isfinite(flat))):
+                    raise ValueError("HessianMonitor: the parameters contain NaN or Inf")
+                op.params_flat = flat
+                op._linearized = None  # the kept linearisation belongs to the old point
+                return op
+        self._op = hessian(self.loss_fn, params, self.data, chunk_size=self.chunk_size,
+                           dtype=self.dtype)
+        return self._op
 
     def step(self, step: int, params: Any) -> dict[str, Any] | None:
         """Call once per training step with the current parameters; measures when due."""

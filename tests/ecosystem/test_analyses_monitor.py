@@ -154,3 +154,22 @@ def test_hugging_face_trainer_callback_logs_from_scratch_values(tmp_path):
                       seed=callback.monitor.tracker.trace_rng(entry["step"]))
         assert entry["hessian/trace"] == pytest.approx(again.value, rel=1e-10)
     assert callback.monitor.steps == [0, 3]
+
+
+@pytest.mark.parametrize("name", ["edge_of_stability", "edge_of_stability_jax"])
+def test_edge_of_stability_examples_run(name, monkeypatch):
+    """A short run of each example: the sharpness is measured where asked, and GD at
+    lr = 0.8 on this MLP starts below 2 / lr = 2.5 and sharpens (progressive sharpening)."""
+    import importlib
+    from pathlib import Path
+
+    if name.endswith("jax"):
+        pytest.importorskip("jax")
+        pytest.importorskip("optax")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples"))
+    example = importlib.import_module(name)
+    monitor, losses = example.run(steps=100, every=50)
+    assert monitor.steps == [0, 50, 100] and len(losses) == 101
+    sharpness = monitor.values("top_eigenvalue")
+    assert sharpness[0] < 2 / 0.8 and sharpness[2] > sharpness[0]
+    assert all(r["top_converged"] for r in monitor.history)
