@@ -151,3 +151,14 @@ def test_jax_bfloat16_params_eigsh():
     op = jb.hessian(loss, pb, (jnp.asarray(X, jnp.bfloat16), jnp.asarray(y)))
     assert "bfloat16" in str(op.dtype)
     _check_eigsh(op, H, "bfloat16")
+
+
+@pytest.mark.errors_table
+def test_bfloat16_model_is_analysed_not_refused(torch_problem):
+    """Was ``TypeError: Got unsupported ScalarType BFloat16``; now a warned, honest result."""
+    import torch
+
+    build, _ = torch_problem
+    with pytest.warns(NotConvergedWarning, match="rounding of bfloat16 products"):
+        res = dualhess.eigsh(build(torch.bfloat16), k=2, tol=1e-6, seed=0)
+    assert not np.any(res.converged) and res.precision.startswith("bfloat16")
