@@ -141,7 +141,7 @@ class _Krylov:
         V = self.V if self.op.fixed_shapes else self.V[:, : self.size]
         total = np.zeros(V.shape[1])
         for _ in range(2):
-            h = V.T @ w
+            h = w @ V  # V^T w without a transpose (eager jax would copy a transposed V)
             w = w - V @ h
             total += to_numpy(h).astype(np.float64)
         return w, total[: self.size]
