@@ -333,7 +333,7 @@ def loss_landscape(
     grid = np.linspace(-float(radius), float(radius), points)
     shape = (points,) * len(vecs)
     values = np.empty(shape)
-    bar = progress_bar(progress, values.size, "landscape")
+    bar = progress_bar(progress, values.size, "landscape", unit="loss evaluations")
     try:
         for index in np.ndindex(*shape):
             offsets = [grid[i] for i in index]

@@ -252,29 +252,28 @@ def plot_report_landscape(series: Sequence[tuple[str, dict[str, Any]]], path: Pa
 
 def plot_per_layer_densities(spectra: Any, path: Any = None, *, log: bool = True) -> Any:
     """One figure of stacked SLQ densities, one row per block of a
-    :class:`~dualhess.PerLayerSpectra` computed with ``density=True``, on a common x-axis."""
+    :class:`~dualhess.PerLayerSpectra` computed with ``density=True``: every block on the
+    common grid and at the common broadening its Jensen-Shannon distances use
+    (:meth:`~dualhess.PerLayerSpectra.common_densities`), so the rows compare directly."""
     plt = pyplot()
-    layers = [layer for layer in spectra.layers if layer.density is not None]
-    if not layers:
-        raise ValueError("no block densities: compute them with per_layer_spectra(op, "
-                         "density=True)")
+    grid, values = spectra.common_densities()
+    layers = list(spectra.layers)
     fig, axes = plt.subplots(len(layers), 1, sharex=True, squeeze=False,
                              figsize=(6.4, 1.1 + 1.25 * len(layers)))
+    top = max(float(np.max(v)) for v in values.values())
     for i, (ax, layer) in enumerate(zip(axes[:, 0], layers)):
-        dens = layer.density
-        values = np.maximum(dens.values, 1e-300) if log else dens.values
-        ax.plot(dens.grid, values, color=f"C{i % 10}", lw=1.3)
-        ax.fill_between(dens.grid, values, 1e-300 if log else 0.0, color=f"C{i % 10}",
-                        alpha=0.2)
+        dens = values[layer.name]
+        shown = np.maximum(dens, 1e-300) if log else dens
+        ax.plot(grid, shown, color=f"C{i % 10}", lw=1.3)
+        ax.fill_between(grid, shown, 1e-300 if log else 0.0, color=f"C{i % 10}", alpha=0.2)
         if log:
-            top = float(np.max(dens.values)) if len(dens.values) else 1.0
             ax.set_yscale("log")
-            ax.set_ylim(max(top * 1e-6, 1e-300), top * 3)
+            ax.set_ylim(top * 1e-6, top * 3)
         ax.set_ylabel("density", fontsize="small")
-        ax.text(0.99, 0.85, f"{layer.name} (n = {layer.size})", transform=ax.transAxes,
+        ax.text(0.99, 0.85, f"{layer.name} ({layer.size} parameters)", transform=ax.transAxes,
                 ha="right", va="top", fontsize="small")
     axes[-1, 0].set_xlabel("eigenvalue")
-    axes[0, 0].set_title("Hessian eigenvalue density of each block (SLQ)")
+    axes[0, 0].set_title("Hessian eigenvalue density of each layer's block (SLQ)")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -346,7 +346,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = T
             written.append(out / "landscape.png")
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
     (out / "report.md").write_text(markdown_report(report, plots=plots))
-    return [out / "report.json", out / "report.md", *written]
+    extra = [out / name for name in ("per_layer.png", "per_layer_density.png") if name in names]
+    return [out / "report.json", out / "report.md", *written, *extra]
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def test_plot_densities_one_row_per_block():
     axes = fig.axes
     assert len(axes) == 2 and axes[-1].get_xlabel() == "eigenvalue"
     assert all(ax.get_ylabel() == "density" for ax in axes)
-    assert "x (n = 8)" in axes[0].texts[0].get_text()
+    assert "x (8 parameters)" in axes[0].texts[0].get_text()
     with pytest.raises(ValueError, match="density=True"):
         per_layer_spectra(op).plot_densities()
 
