@@ -89,7 +89,8 @@ class HessianMonitor(TrackerViews):
     history : list of dict
         One record per measurement: ``step``, ``top_eigenvalue``, ``top_residual``,
         ``top_converged``, ``top_matvecs``, ``warm_started``, ``trace``, ``trace_stderr``,
-        ``num_matvecs``.
+        ``num_matvecs``; with ``"gradient_overlap"`` also ``gradient_overlap``,
+        ``overlap_k`` and ``gradient_norm``.
     tracker : dualhess._tracking.SpectrumTracker
         The framework-neutral core.
     """
@@ -274,9 +275,7 @@ def _make_callback_class() -> type:
                 return
             record = self.monitor.measure(step)
             metrics = {
-                f"{self.prefix}{key}": float(record[key])
-                for key in ("top_eigenvalue", "trace", "trace_stderr", "num_matvecs")
-                if key in record
+                f"{self.prefix}{key}": float(record[key]) for key in LOGGED_KEYS if key in record
             }
             for logger in getattr(trainer, "loggers", []) or []:
                 logger.log_metrics(metrics, step=step)
