@@ -103,3 +103,34 @@ def test_jax_overlap_against_dense_eigenvectors():
     for k in (1, 2):
         result = gradient_overlap(op, k=k, tol=1e-11)
         assert result.value == pytest.approx(dense_overlap(H, g, k), rel=1e-8)
+
+
+def test_torch_closure_and_ggn_operators_have_the_loss():
+    torch = pytest.importorskip("torch")
+    import torch_backend as tb
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+    ce = torch.nn.CrossEntropyLoss()
+
+    def closure(net, batch):  # a regularised loss: cross-entropy + 0.1 ||W||^2
+        inputs, targets = batch
+        return ce(net(inputs), targets) + 0.1 * sum((p**2).sum() for p in net.parameters())
+
+    op = tb.hessian(model, None, [(X[:12], y[:12]), (X[12:], y[12:])], closure=closure)
+    delta = 0.1 * torch.randn(op.n, dtype=torch.float64)
+    moved = op.layout.split(op.params_flat + delta)
+    with torch.no_grad():
+        out = torch.func.functional_call(model, moved, (X,))
+        direct = ce(out, y) + 0.1 * sum((p**2).sum() for p in moved.values())
+    # each batch carries the regulariser once, weighted by its size: the mean is exact
+    assert op.loss_at(delta) == pytest.approx(float(direct), rel=1e-13)
+    model.zero_grad()
+    closure(model, (X, y)).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(op.gradient(), g, rtol=1e-12, atol=1e-15)
+    ggn = tb.ggn(model, ce, (X, y))
+    assert ggn.loss_at(torch.zeros(ggn.n, dtype=torch.float64)) == pytest.approx(
+        float(ce(model(X), y)), rel=1e-14)
