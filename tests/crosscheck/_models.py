@@ -346,3 +346,134 @@ def torch_dense_hessian(case: ModelCase) -> torch.Tensor:
         return torch.autograd.functional.hessian(loss_of_flat, flat0, vectorize=False)
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- transformers
+# Tiny configurations, random weights (never from_pretrained). Each returns
+# (model, (inputs, targets), loss callable); inputs may be a dict of keyword inputs.
+
+VOCAB, SEQ = 23, 6
+
+
+def _tokens(seed: int, batch: int = 3, seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def causal_lm_loss(out, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits at position t predict token t + 1."""
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           targets[:, 1:].reshape(-1))
+
+
+def logits_cross_entropy(out, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.logits, targets)
+
+
+def hf_gpt2(attn_implementation: str = "eager"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(10)
+    config = GPT2Config(n_embd=8, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=8,
+                        use_cache=False, attn_implementation=attn_implementation,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).to(DTYPE).eval()
+    tokens = _tokens(10)
+    return model, ({"input_ids": tokens}, tokens), causal_lm_loss
+
+
+def hf_bert(attn_implementation: str = "eager"):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(11)
+    config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=12, vocab_size=VOCAB, max_position_embeddings=8,
+                        type_vocab_size=2, num_labels=3, attn_implementation=attn_implementation)
+    model = BertForSequenceClassification(config).to(DTYPE).eval()
+    tokens = _tokens(11)
+    mask = torch.ones_like(tokens)
+    mask[1, 4:] = 0  # a padded sequence
+    mask[2, 5:] = 0
+    labels = torch.tensor([0, 2, 1])
+    return model, ({"input_ids": tokens, "attention_mask": mask}, labels), logits_cross_entropy
+
+
+def hf_vit(attn_implementation: str = "eager"):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(12)
+    config = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=12, image_size=8, patch_size=4, num_channels=1,
+                       num_labels=3, attn_implementation=attn_implementation)
+    model = ViTForImageClassification(config).to(DTYPE).eval()
+    images, labels = digits_images()
+    return model, ({"pixel_values": images[:4]}, labels[:4] % 3), logits_cross_entropy
+
+
+class TransformerLM(nn.Module):
+    """A causal ``nn.TransformerEncoder`` language model (token and position embeddings)."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 8, heads: int = 2, layers: int = 1,
+                 max_len: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(0.1 * torch.randn(max_len, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=12, dropout=0.1,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(length, dtype=self.position.dtype)
+        h = self.embed(tokens) + self.position[:length]
+        return self.head(self.encoder(h, mask=mask, is_causal=True))
+
+
+def transformer_lm():
+    torch.manual_seed(13)
+    model = TransformerLM().to(DTYPE).eval()
+    tokens = _tokens(13)
+    return model, (tokens, tokens), causal_lm_loss
+
+
+class AttentionClassifier(nn.Module):
+    """``nn.MultiheadAttention`` (self-attention, a key padding mask) and a linear head."""
+
+    def __init__(self, dim: int = 6, heads: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h, _ = self.attn(x, x, x, key_padding_mask=padding)
+        return self.head(h.mean(dim=1))
+
+
+def multihead_attention():
+    torch.manual_seed(14)
+    model = AttentionClassifier().to(DTYPE).eval()
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 5, 6, generator=gen, dtype=DTYPE)
+    padding = torch.zeros(4, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    labels = torch.tensor([0, 1, 2, 1])
+    return model, ((x, padding), labels), nn.CrossEntropyLoss()
+
+
+def resnet18(width: int = 2):
+    from torch_backend.examples import make_resnet18
+
+    model = make_resnet18(width=width, num_classes=3, in_channels=1, seed=15)
+    images, labels = digits_images()
+    return model, (images[:4], labels[:4] % 3), nn.CrossEntropyLoss()
+
+
+TRANSFORMER_BUILDERS = {
+    "gpt2": hf_gpt2,
+    "bert": hf_bert,
+    "vit": hf_vit,
+    "transformer_lm": transformer_lm,
+    "multihead_attention": multihead_attention,
+    "resnet18": resnet18,
+}
