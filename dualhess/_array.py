@@ -22,6 +22,7 @@ __all__ = [
     "default_rng",
     "is_float64",
     "dtype_name",
+    "on_host",
 ]
 
 
@@ -159,3 +160,28 @@ def compiles_per_shape(x: Any) -> bool:
     import array_api_compat
 
     return bool(array_api_compat.is_jax_array(x))
+
+
+def on_host(x: Any) -> bool:
+    """Whether an array's memory is the host's: numpy, torch on ``"cpu"``, jax on CPU devices.
+
+    A capability of where the data is, not of a library: for such arrays a copy to numpy
+    costs a memcpy, so Krylov bookkeeping can run in numpy beside the products.
+
+    >>> import numpy as np
+    >>> on_host(np.zeros(3))
+    True
+    """
+    if isinstance(x, np.ndarray):
+        return True
+    devices = getattr(x, "devices", None)
+    if callable(devices):  # jax: every device of a (possibly sharded) array
+        try:
+            return all(getattr(d, "platform", "") == "cpu" for d in devices())
+        except Exception:  # pragma: no cover - exotic arrays
+            return False
+    try:
+        dev = device(x)
+    except Exception:  # pragma: no cover
+        return False
+    return str(getattr(dev, "type", dev)) == "cpu"

@@ -37,6 +37,7 @@ from ._array import (
     default_rng,
     device,
     dtype_eps,
+    on_host,
     safe_column_norms,
     safe_norm,
     to_numpy,
@@ -47,6 +48,7 @@ from ._operator import Operator, OperatorError
 from ._precision import WorkPrecisionOperator, precision_of, recomputed_residuals
 from ._results import Eigen
 from ._util import check_operator, progress_bar
+from ._wrappers import HostOperator
 
 __all__ = ["eigsh", "NotConvergedWarning"]
 
@@ -138,10 +140,13 @@ class _Krylov:
             return w, np.zeros(0)
         # numpy/torch: only the columns so far (a free view); jax: the whole fixed-shape
         # basis (zero beyond size), so that eager jax compiles once per shape.
-        V = self.V if self.op.fixed_shapes else self.V[:, : self.size]
+        fixed = self.op.fixed_shapes
+        V = self.V if fixed else self.V[:, : self.size]
         total = np.zeros(V.shape[1])
         for _ in range(2):
-            h = w @ V  # V^T w without a transpose (eager jax would copy a transposed V)
+            # V^T w; on fixed shapes (jax on an accelerator) without forming V^T, which eager
+            # jax copies; numpy/torch BLAS is faster with the transposed view
+            h = w @ V if fixed else V.T @ w
             w = w - V @ h
             total += to_numpy(h).astype(np.float64)
         return w, total[: self.size]
@@ -461,14 +466,23 @@ def eigsh(
             raise ValueError(f"eigsh: max_matvecs must be >= k (got {max_matvecs}, k={k})")
         budget = int(max_matvecs)
 
+    # Rule per device: where the operator's arrays compile per shape (jax) but live in host
+    # memory (a CPU), the Krylov bookkeeping runs in numpy beside products that stay compiled
+    # (a copy of a vector is a memcpy there; eager jax compiled each bookkeeping op and ran
+    # it dispatch by dispatch). On an accelerator the fixed-shape basis stays on the device.
+    native = op
+    if op.fixed_shapes and on_host(op._like):
+        op = HostOperator(native)
+        if v0 is not None and not isinstance(v0, (np.ndarray, list, tuple)):
+            v0 = np.asarray(to_numpy(v0), dtype=np.float64)
     eps = _eps(op)
     tol_eff = max(tol, 10 * eps)
-    low = isinstance(op, WorkPrecisionOperator)
+    low = isinstance(native, WorkPrecisionOperator)
     tol_claim = tol_eff
     if low:
         # The Krylov work is float32; the products carry 16 bits. Iterate down to the
         # products' unit roundoff at most (further steps only fit their rounding noise).
-        tol_eff = max(tol_eff, op.product_eps / 2)
+        tol_eff = max(tol_eff, native.product_eps / 2)
     keep_count = min(k + (m - k) // 2, m - b)
     start_count = op.num_matvecs
     kry = _Krylov(op, default_rng(seed), eps, capacity=m + 3 + b)
@@ -559,11 +573,12 @@ def eigsh(
         reason = "max_matvecs" if exhausted else "the basis"
         advice = "raise max_matvecs or max_basis, or loosen tol"
         if low and not exhausted:
-            reason = f"the rounding of {op.product_dtype} products"
+            reason = f"the rounding of {native.product_dtype} products"
             worst = float(np.max(residuals) / max(scale, np.finfo(float).tiny))
             advice = (
-                f"their relative residuals ({worst:.1e}) are at the level {op.product_dtype} "
-                f"arithmetic supports (eps {op.product_eps:.1e}); loosen tol or compute in "
+                f"their relative residuals ({worst:.1e}) are at the level "
+                f"{native.product_dtype} arithmetic supports (eps {native.product_eps:.1e}); "
+                "loosen tol or compute in "
                 "float32 (dtype=torch.float32 / float32 parameters)"
             )
         warnings.warn(
@@ -574,11 +589,11 @@ def eigsh(
         )
     return Eigen(
         values=theta[wanted].copy(),
-        vectors=vectors if return_vectors else None,
+        vectors=(vectors if op is native else native.asarray(vectors)) if return_vectors else None,
         residuals=residuals,
         converged=np.asarray(converged, dtype=bool),
         num_matvecs=op.num_matvecs - start_count,
         which=which,
         tol=tol,
-        precision=precision_of(op),
+        precision=precision_of(native),
     )

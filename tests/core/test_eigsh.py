@@ -326,3 +326,34 @@ def test_block_on_a_space_smaller_than_two_blocks(entries, which):
     res = eigsh(DenseOperator(A), 1, which=which, tol=1e-10, seed=0, block_size=2)
     assert res.converged.all() and res.num_matvecs <= 6
     np.testing.assert_allclose(res.values, expected_values(A, 1, which), rtol=0, atol=1e-12)
+
+
+def test_jax_host_rule_and_device_fixed_shapes_give_the_same_numbers(monkeypatch):
+    """jax on a CPU runs its Krylov bookkeeping in numpy (a rule per device); the on-device
+    fixed-shape path (accelerators) and numpy itself give the same pairs to rounding."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    import dualhess._eigsh as eigsh_module
+
+    rng = np.random.default_rng(5)
+    Q, _ = np.linalg.qr(rng.standard_normal((60, 60)))
+    A = (Q * np.r_[5.0, 4.0, 4.0, 3.5, np.linspace(-1.0, 2.0, 56)]) @ Q.T
+    A = (A + A.T) / 2
+    reference = eigsh(DenseOperator(A), k=4, tol=1e-10, seed=3)
+    op = DenseOperator(jnp.asarray(A))
+    assert op.fixed_shapes
+    host = eigsh(op, k=4, tol=1e-10, seed=3)
+    monkeypatch.setattr(eigsh_module, "on_host", lambda x: False)
+    device = eigsh(op, k=4, tol=1e-10, seed=3)
+    for res in (host, device):
+        assert isinstance(res.vectors, jax.Array) and res.vectors.dtype == jnp.float64
+        np.testing.assert_allclose(res.values, reference.values, rtol=0, atol=1e-12)
+        # rounding-level differences may move a restart by one product
+        assert abs(res.num_matvecs - reference.num_matvecs) <= 2 and np.all(res.converged)
+        np.testing.assert_allclose(res.residuals, 0.0, atol=1e-9)
+    # the simple eigenvalues' vectors agree up to sign (4.0 is double: any basis of its plane)
+    for j in (0, 3):
+        overlap = abs(float(np.asarray(host.vectors)[:, j] @ np.asarray(device.vectors)[:, j]))
+        assert overlap == pytest.approx(1.0, abs=1e-10)
