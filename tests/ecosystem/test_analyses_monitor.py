@@ -143,7 +143,7 @@ def test_hugging_face_trainer_callback_logs_from_scratch_values(tmp_path):
         # GPT-2's own loss upcasts the logits to float32 (``logits.float()``), so even this
         # float64 Hessian is symmetric only to float32 rounding (~1e-7 here).
         with differentiable_attention():
-            H = torch.autograd.functional.hessian(loss_of, flat0).numpy()
+            H = torch.autograd.functional.hessian(loss_of, flat0, vectorize=True).numpy()
         top = np.linalg.eigvalsh(0.5 * (H + H.T))[-1]
         # |theta - lambda| <= ||r|| <= tol |theta| (tol 1e-9), plus the asymmetry above.
         assert entry["hessian/top_eigenvalue"] == pytest.approx(top, rel=1e-8)
