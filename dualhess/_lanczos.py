@@ -15,12 +15,21 @@ from typing import Any
 import array_api_extra as xpx
 import numpy as np
 
-from ._array import array_namespace, default_rng, device, dtype_eps, safe_vector_norm, to_numpy
+from ._array import (
+    array_namespace,
+    default_rng,
+    device,
+    dtype_eps,
+    on_host,
+    safe_vector_norm,
+    to_numpy,
+)
 from ._docs import fill_doc
 from ._operator import Operator
 from ._precision import precision_of
 from ._results import Tridiagonal
 from ._util import check_operator, check_positive_int, progress_bar
+from ._wrappers import HostOperator
 
 __all__ = ["lanczos"]
 
@@ -107,6 +116,13 @@ def lanczos(
     m = check_positive_int(num_steps, "num_steps", "lanczos")
     check_positive_int(num_probes, "num_probes", "lanczos")
     rng = default_rng(seed)
+    # Rule per device (as in eigsh): an operator whose arrays compile per shape but live in
+    # host memory (jax on a CPU) reorthogonalises in numpy beside its compiled products.
+    native = op
+    if op.fixed_shapes and on_host(op._like):
+        op = HostOperator(native)
+        if start is not None and not isinstance(start, np.ndarray):
+            start = np.asarray(to_numpy(start), dtype=np.float64)
     start_count = op.num_matvecs
 
     Q = _start_block(op, start, num_probes, rng)
@@ -188,7 +204,7 @@ def lanczos(
         if stacked.shape[-1] < m:  # pad with zero columns after an early global stop
             pad = xp.zeros((p, op.n, m - stacked.shape[-1]), dtype=stacked.dtype, device=device(stacked))
             stacked = xp.concat([stacked, pad], axis=-1)
-        basis_out = stacked  # (p, n, m)
+        basis_out = stacked if op is native else native.asarray(stacked)  # (p, n, m)
         if p == 1:
             basis_out = basis_out[0]
     batched = p > 1 or (start is not None and len(getattr(start, "shape", (0,))) == 2)
@@ -202,5 +218,5 @@ def lanczos(
         breakdown=steps < m,
         num_steps=steps,
         norm=norms_np,
-        precision=precision_of(op),
+        precision=precision_of(native),
     )

@@ -117,3 +117,26 @@ def test_bad_input_messages():
 
     with pytest.raises(OperatorError, match="NaN"):
         lanczos(NaNOperator((5, 5)), 3, seed=0)
+
+
+def test_jax_host_rule_and_device_fixed_shapes_give_the_same_coefficients(monkeypatch):
+    """jax on a CPU reorthogonalises in numpy (a rule per device), on-device otherwise."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    import dualhess._lanczos as lanczos_module
+
+    rng = np.random.default_rng(2)
+    Q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    A = (Q * np.linspace(-2.0, 3.0, 40)) @ Q.T
+    A = (A + A.T) / 2
+    ref = lanczos(DenseOperator(A), 12, num_probes=3, seed=1)
+    host = lanczos(DenseOperator(jnp.asarray(A)), 12, num_probes=3, seed=1, return_basis=True)
+    monkeypatch.setattr(lanczos_module, "on_host", lambda x: False)
+    device = lanczos(DenseOperator(jnp.asarray(A)), 12, num_probes=3, seed=1, return_basis=True)
+    for tri in (host, device):
+        np.testing.assert_allclose(tri.alpha, ref.alpha, atol=1e-12)
+        np.testing.assert_allclose(tri.beta, ref.beta, atol=1e-12)
+        assert isinstance(tri.basis, jax.Array) and tri.basis.shape == (3, 40, 12)
+    np.testing.assert_allclose(np.asarray(host.basis), np.asarray(device.basis), atol=1e-10)
