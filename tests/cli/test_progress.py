@@ -88,18 +88,21 @@ def test_no_bars_off_a_terminal(monkeypatch, capsys, tmp_path):
 @pytest.mark.both
 def test_landscape_and_gradient_overlap_in_the_report(monkeypatch, capsys, tmp_path):
     torch = pytest.importorskip("torch")
-    pytest.importorskip("jax")
+    jax = pytest.importorskip("jax")
     pytest.importorskip("flax")
     import matplotlib.image
+
+    # in-process, jax may be imported already: JAX_ENABLE_X64 from the CLI comes too late
+    jax.config.update("jax_enable_x64", True)
 
     import dualhess
     from dualhess._report import missing_keys
 
     out = tmp_path / "report"
     args = [a for a in SMALL if a != "--no-plots"]
-    code, _ = run(monkeypatch, capsys, *args, "--landscape", "--landscape-radius", "0.01",
-                  "--landscape-points", "5", "--out", str(out))
-    assert code == 0
+    code, err = run(monkeypatch, capsys, *args, "--landscape", "--landscape-radius", "0.01",
+                    "--landscape-points", "5", "--out", str(out))
+    assert code == 0, err[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert missing_keys(report) == [] and "landscape.png" in report["files"]
     image = matplotlib.image.imread(out / "landscape.png")
