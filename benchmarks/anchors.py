@@ -106,7 +106,9 @@ def _pyhessian(task: Task) -> Iterator[tuple[Any, Counter]]:
         return original(gradsH, params, v)
 
     old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+    # PyHessian draws its probes in the default dtype: make it the model's (float64 here,
+    # float32 in the realistic part)
+    torch.set_default_dtype(next(task.model.parameters()).dtype)
     ph.hessian_vector_product = counted
     try:
         model = copy.deepcopy(task.model)

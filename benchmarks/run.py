@@ -614,11 +614,14 @@ def write_results(results: dict[str, Any], out_dir: Path | str) -> tuple[Path, P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=("cpu", "smoke"), default="cpu")
+    parser.add_argument("--suite", choices=("cpu", "smoke", "realistic", "realistic-smoke"),
+                        default="cpu")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default: benchmarks/results)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (median)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the exact references")
     args = parser.parse_args(argv)
+    if args.suite.startswith("realistic"):
+        return _main_realistic(args)
     cfg = CPU if args.suite == "cpu" else SMOKE
     if args.repeats is not None:
         cfg = dataclasses.replace(cfg, repeats=args.repeats)
@@ -629,6 +632,26 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     json_path, md_path = write_results(results, args.out)
+    print(f"wrote {json_path} and {md_path}")
+    missed = [t["target"] for t in results["targets"] if t["met"] is False]
+    print(f"{len(results['targets'])} targets, {len(missed)} missed" + (f": {missed}" if missed else ""))
+    return 0
+
+
+def _main_realistic(args: argparse.Namespace) -> int:
+    """``--suite realistic``: the end-to-end part (results/realistic.{json,md})."""
+    from . import realistic
+
+    tiny = args.suite == "realistic-smoke"
+    sizes = realistic.TINY if tiny else realistic.Sizes()
+    results = realistic.run_realistic(sizes, repeats=args.repeats or (1 if tiny else 3))
+    if tiny:
+        results["suite"] = "realistic-smoke"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{results['suite']}.json", out / f"{results['suite']}.md"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md_path.write_text(realistic.markdown(results))
     print(f"wrote {json_path} and {md_path}")
     missed = [t["target"] for t in results["targets"] if t["met"] is False]
     print(f"{len(results['targets'])} targets, {len(missed)} missed" + (f": {missed}" if missed else ""))

@@ -85,3 +85,27 @@ def test_density_error_metric_is_exact_on_known_measures():
     grid = np.linspace(-1.0, 2.0, 30001)
     narrow = np.exp(-0.5 * ((grid[:, None] - eigenvalues) / 1e-3) ** 2).sum(axis=1)
     assert wasserstein(grid, narrow, eigenvalues) == pytest.approx(0.0, abs=2e-3)
+
+
+def test_realistic_part_at_tiny_sizes(tmp_path):
+    """The end-to-end rows (dualhess torch only here: anchors and JAX cost minutes)."""
+    pytest.importorskip("transformers")
+    import dualhess
+    import torch_backend
+    from benchmarks import realistic
+
+    out = realistic.run_realistic(realistic.TINY, models=("gpt2",), repeats=1, tools=())
+    (entry,) = out["models"]
+    (row,) = entry["rows"]
+    assert row["status"] == "ok" and row["converged"] and row["hvps"] > 0
+    assert row["end_to_end_s"] == pytest.approx(row["construction_s"] + row["eigsh_s"])
+    assert 0 <= row["bookkeeping_share"] and row["product_over_gradient"] > 0
+    # the timing wrapper does not change the numbers: the same eigsh on the plain operator
+    task = realistic.realistic_task("gpt2", realistic.TINY)
+    op = torch_backend.hessian(task.model, task.loss_fn, task.data)
+    plain = dualhess.eigsh(op, k=realistic.K, tol=realistic.TOL, seed=0)
+    np.testing.assert_allclose(row["values"], plain.values, rtol=1e-6)
+    names = [t["target"] for t in out["targets"]]
+    assert any("bookkeeping" in n for n in names) and any("< 600 s" in n for n in names)
+    text = realistic.markdown(out)
+    assert "## gpt2" in text and "| target |" in text
