@@ -89,8 +89,19 @@ def _max_pool(nd: int) -> Any:
         pads = _pool_geometry(x.shape[2:], k, s, ntuple(padding, nd), d, ceil_mode)
         # a Python scalar init lets JAX recognise the max monoid (and differentiate it)
         init = -np.inf if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
-        y = lax.reduce_window(x, init, lax.max, (1, 1, *k), (1, 1, *s),
-                              [(0, 0), (0, 0), *pads], window_dilation=(1, 1, *d))
+        if all(dd == 1 for dd in d):
+            y = lax.reduce_window(x, init, lax.max, (1, 1, *k), (1, 1, *s),
+                                  [(0, 0), (0, 0), *pads])
+        else:  # JAX has no derivative of a dilated reduce_window: max over strided slices
+            padded = jnp.pad(x, [(0, 0), (0, 0), *pads], constant_values=init)
+            out = [(size + lo + hi - dd * (kk - 1) - 1) // ss + 1 for size, (lo, hi), kk, ss, dd
+                   in zip(x.shape[2:], pads, k, s, d)]
+            windows = []
+            for offset in np.ndindex(*k):
+                index = tuple(slice(o * dd, o * dd + (n - 1) * ss + 1, ss)
+                              for o, dd, n, ss in zip(offset, d, out, s))
+                windows.append(padded[(slice(None), slice(None), *index)])
+            y = jnp.max(jnp.stack(windows), axis=0)
         return y[0] if unbatched else y
 
     return fn

@@ -57,7 +57,7 @@ def _filled(value: float) -> None:
 # empty tensors hold arbitrary values in torch; zeros are one valid choice
 for _name, _value in (("zeros", 0), ("ones", 1), ("empty", 0)):
     _make, _like, _new = _filled(_value)
-    rule(f"aten.{_name}.default", *([f"aten.{_name}.memory_format"] if _name == "empty" else []),
+    rule(f"aten.{_name}.memory_format" if _name == "empty" else f"aten.{_name}.default",
          family=_F)(_make)
     rule(f"aten.{_name}_like.default", family=_F)(_like)
     rule(f"aten.new_{_name}.default", family=_F)(_new)

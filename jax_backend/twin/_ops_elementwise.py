@@ -132,8 +132,7 @@ for _name, _fn in {
     "square": jnp.square, "isnan": jnp.isnan, "isinf": jnp.isinf, "isfinite": jnp.isfinite,
     "logical_not": jnp.logical_not, "relu": jax.nn.relu, "silu": jax.nn.silu,
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)), "hardswish": None,
-    "hardsigmoid": None, "lgamma": jax.scipy.special.gammaln,
-    "digamma": jax.scipy.special.digamma,
+    "hardsigmoid": None,
 }.items():
     if _fn is not None:
         _unary(_name, _fn)
