@@ -144,6 +144,22 @@ class SpectrumTracker:
         self.history: list[dict[str, Any]] = []
         self._vector: np.ndarray | None = None
 
+    @classmethod
+    def with_options(cls, owner: str, **options: Any) -> SpectrumTracker:
+        """A tracker from a monitor's keyword arguments; an unknown one names the monitor and
+        every setting it takes (the monitors forward their measurement settings here, so
+        each setting is declared once, in :meth:`__init__`)."""
+        import inspect
+
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"{owner}: unknown setting(s) {', '.join(map(repr, unknown))}; the "
+                f"measurement settings are {', '.join(accepted)}"
+            )
+        return cls(**options)
+
     def due(self, step: int) -> bool:
         """Whether ``step`` is a measurement step (``step % every == 0``)."""
         return int(step) % self.every == 0

@@ -36,14 +36,14 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 
 from dualhess._docs import fill_doc
 from dualhess._operator import OperatorError
-from dualhess._tracking import DEFAULT_MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._tracking import SpectrumTracker, TrackerViews
 
 from ._hessian import HessianOperator, hessian
 
@@ -76,18 +76,10 @@ class HessianMonitor(TrackerViews):
         data: Any,
         *,
         every: int = 100,
-        metrics: Iterable[str] = DEFAULT_MONITOR_METRICS,
-        tol: float = 1e-4,
-        num_steps: int = 20,
-        max_matvecs: int | None = None,
-        trace_method: str = "hutchinson",
-        trace_matvecs: int = 50,
-        seed: int = 0,
-        warm_start: bool = True,
-        overlap_k: int = 10,
         chunk_size: int | None = None,
         dtype: Any = None,
         log_fn: Callable[[dict[str, Any]], Any] | None = None,
+        **measurement: Any,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (params, batch) -> scalar, got {loss_fn!r}")
@@ -96,18 +88,7 @@ class HessianMonitor(TrackerViews):
         self.chunk_size = chunk_size
         self.dtype = dtype
         self.log_fn = log_fn
-        self.tracker = SpectrumTracker(
-            every=every,
-            metrics=metrics,
-            tol=tol,
-            num_steps=num_steps,
-            max_matvecs=max_matvecs,
-            trace_method=trace_method,
-            trace_matvecs=trace_matvecs,
-            seed=seed,
-            warm_start=warm_start,
-            overlap_k=overlap_k,
-        )
+        self.tracker = SpectrumTracker.with_options("jax_backend.HessianMonitor", every=every, **measurement)
 
     def operator(self, params: Any) -> HessianOperator:
         """The Hessian operator at ``params`` on the monitoring set.

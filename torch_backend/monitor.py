@@ -39,13 +39,13 @@ Examples
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from dualhess._docs import fill_doc
-from dualhess._tracking import DEFAULT_MONITOR_METRICS, SpectrumTracker, TrackerViews
+from dualhess._tracking import SpectrumTracker, TrackerViews
 
 from ._hessian import HessianOperator
 from ._hessian import hessian as _hessian_operator
@@ -102,20 +102,12 @@ class HessianMonitor(TrackerViews):
         data: Any,
         *,
         every: int = 100,
-        metrics: Iterable[str] = DEFAULT_MONITOR_METRICS,
-        tol: float = 1e-4,
-        num_steps: int = 20,
-        max_matvecs: int | None = None,
-        trace_method: str = "hutchinson",
-        trace_matvecs: int = 50,
-        seed: int = 0,
-        warm_start: bool = True,
-        overlap_k: int = 10,
         params: Any = None,
         method: str = "auto",
         dtype: torch.dtype | None = None,
         log_fn: Callable[[dict[str, Any]], Any] | None = None,
         closure: Callable[[Any, Any], Any] | None = None,
+        **measurement: Any,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,18 +119,7 @@ class HessianMonitor(TrackerViews):
         self.method = method
         self.dtype = dtype
         self.log_fn = log_fn
-        self.tracker = SpectrumTracker(
-            every=every,
-            metrics=metrics,
-            tol=tol,
-            num_steps=num_steps,
-            max_matvecs=max_matvecs,
-            trace_method=trace_method,
-            trace_matvecs=trace_matvecs,
-            seed=seed,
-            warm_start=warm_start,
-            overlap_k=overlap_k,
-        )
+        self.tracker = SpectrumTracker.with_options("HessianMonitor", every=every, **measurement)
         self._count = 0
         self._checked = False
 
