@@ -226,7 +226,9 @@ def package_versions() -> dict[str, str | None]:
         "numpy": np.__version__,
         "dualhess": __version__,
     }
-    for dist in ("scipy", "torch", "jax", "jaxlib", "flax", "optax", "backpack-for-pytorch", "matplotlib"):
+    from .backends import backend_distributions
+
+    for dist in ("scipy", *backend_distributions(), "matplotlib"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

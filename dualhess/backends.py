@@ -41,6 +41,12 @@ _REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
     "torch": ("torch_backend.registry", ("torch",), "dualhess[torch]"),
     "jax": ("jax_backend.registry", ("jax", "jaxlib", "flax"), "dualhess[jax]"),
 }
+#: name -> the distributions whose versions a report lists for that backend (read from the
+#: package metadata, without importing anything)
+_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("torch", "backpack-for-pytorch", "pyhessian", "transformers"),
+    "jax": ("jax", "jaxlib", "flax", "optax"),
+}
 _LOADED: dict[str, Backend] = {}
 
 
@@ -94,9 +100,11 @@ class Backend(Protocol):
         """``(model, loss_fn, data, info)`` of ``dualhess analyze``'s embedded default."""
         ...
 
-    def version_info(self) -> dict[str, str]:
-        """Versions of the framework packages, for reports."""
-        ...
+
+
+def backend_distributions() -> tuple[str, ...]:
+    """Every distribution a backend builds on, for the versions in a report."""
+    return tuple(d for name in _REGISTRY for d in _DISTRIBUTIONS.get(name, ()))
 
 
 def known_backends() -> tuple[str, ...]:

@@ -214,17 +214,6 @@ class JaxBackend:
         op.twin = twin
         return op, align
 
-    def version_info(self) -> dict[str, str]:
-        info = {"jax": jax.__version__}
-        for dist in ("jaxlib", "flax", "optax"):
-            try:
-                from importlib.metadata import version
-
-                info[dist] = version(dist)
-            except Exception:  # noqa: BLE001 - optional packages
-                pass
-        return info
-
 
 def dualhess_backend() -> JaxBackend:
     return JaxBackend()

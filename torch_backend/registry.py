@@ -52,17 +52,6 @@ class TorchBackend:
 
         return demo_problem(**options)
 
-    def version_info(self) -> dict[str, str]:
-        info = {"torch": torch.__version__}
-        for dist in ("backpack-for-pytorch", "pyhessian"):
-            try:
-                from importlib.metadata import version
-
-                info[dist] = version(dist)
-            except Exception:  # noqa: BLE001 - optional packages
-                pass
-        return info
-
 
 def dualhess_backend() -> TorchBackend:
     return TorchBackend()
