@@ -27,25 +27,14 @@ class GGNOperator(PytreeOperator):
         loss: Callable[[Any, Any], Any],
         params: Any,
         data: Any,
-        *,
-        chunk_size: int | None = None,
-        dtype: Any = None,
-        prefix: str = "",
-        check_deterministic: bool = True,
+        **options: Any,
     ) -> None:
+        # options: chunk_size, dtype, prefix, check_deterministic (see PytreeOperator)
         if not callable(apply_fn) or not callable(loss):
             raise TypeError("ggn: apply_fn and loss must be callable")
         self.apply_fn = apply_fn
         self.loss = loss
-        super().__init__(
-            params,
-            data,
-            chunk_size=chunk_size,
-            dtype=dtype,
-            where="ggn",
-            prefix=prefix,
-            check_deterministic=check_deterministic,
-        )
+        super().__init__(params, data, where="ggn", **options)
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:

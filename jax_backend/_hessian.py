@@ -189,9 +189,9 @@ class PytreeOperator(Operator):
         params: Any,
         data: Any,
         *,
-        chunk_size: int | None,
-        dtype: Any,
-        where: str,
+        chunk_size: int | str | None = None,
+        dtype: Any = None,
+        where: str = "hessian",
         prefix: str = "",
         check_deterministic: bool = True,
     ) -> None:
@@ -499,28 +499,13 @@ class HessianOperator(PytreeOperator):
     """The Hessian of ``loss_fn`` averaged over the data; see :func:`hessian`."""
 
     def __init__(
-        self,
-        loss_fn: Callable[[Any, Any], Any],
-        params: Any,
-        data: Any,
-        *,
-        chunk_size: int | None = None,
-        dtype: Any = None,
-        prefix: str = "",
-        check_deterministic: bool = True,
+        self, loss_fn: Callable[[Any, Any], Any], params: Any, data: Any, **options: Any
     ) -> None:
+        # options: chunk_size, dtype, prefix, check_deterministic (see PytreeOperator)
         if not callable(loss_fn):
             raise TypeError(f"hessian: loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
-        super().__init__(
-            params,
-            data,
-            chunk_size=chunk_size,
-            dtype=dtype,
-            where="hessian",
-            prefix=prefix,
-            check_deterministic=check_deterministic,
-        )
+        super().__init__(params, data, where="hessian", **options)
 
     def _flat_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
         return self.loss_fn(self._unravel_fn(flat_params), batch)
