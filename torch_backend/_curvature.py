@@ -99,16 +99,6 @@ class GGNOperator(TorchCurvatureOperator):
             out += weight * dict_to_columns(self.layout, g, V.shape[1])
         return out
 
-    def exact_diagonal(self) -> torch.Tensor:
-        """The exact GGN diagonal with BackPACK's ``DiagGGNExact`` (whole data set).
-
-        Raises
-        ------
-        dualhess.ExactUnavailableError
-            When BackPACK cannot handle the model or the loss.
-        """
-        return self._exact("ggn")
-
 
 class FisherOperator(TorchCurvatureOperator):
     """Empirical or Monte-Carlo Fisher from per-sample gradients (``vmap`` of ``grad``)."""

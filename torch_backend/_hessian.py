@@ -443,10 +443,20 @@ class TorchCurvatureOperator(dualhess.Operator):
                 "(True)). Pass check_deterministic=False to skip this check."
             )
 
-    def _exact(self, curvature: str) -> torch.Tensor:
+    def exact_diagonal(self) -> torch.Tensor:
+        """The exact diagonal with BackPACK (whole data set): ``DiagHessian`` for the Hessian,
+        ``DiagGGNExact`` for the GGN.
+
+        Raises
+        ------
+        dualhess.ExactUnavailableError
+            When BackPACK cannot handle the model or the loss.
+        """
+        if self.curvature not in ("hessian", "ggn"):
+            return super().exact_diagonal()
         from ._backpack import backpack_diagonal
 
-        return backpack_diagonal(self.objective, self.layout, curvature)
+        return backpack_diagonal(self.objective, self.layout, self.curvature)
 
 
 class HessianOperator(TorchCurvatureOperator):
@@ -504,16 +514,6 @@ class HessianOperator(TorchCurvatureOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._engine.matmat(V)
-
-    def exact_diagonal(self) -> torch.Tensor:
-        """The exact Hessian diagonal with BackPACK's ``DiagHessian`` (whole data set).
-
-        Raises
-        ------
-        dualhess.ExactUnavailableError
-            When BackPACK cannot handle the model or the loss.
-        """
-        return self._exact("hessian")
 
     def __repr__(self) -> str:
         return (
