@@ -296,11 +296,7 @@ class Operator:
         LossUnavailableError
             When the operator is a plain matrix with no loss behind it.
         """
-        raise LossUnavailableError(
-            f"{type(self).__name__} has no loss to evaluate: loss_at() and gradient() need a "
-            "backend curvature operator (torch_backend.hessian, jax_backend.hessian, ...); "
-            "for a matrix of your own, subclass the operator and implement loss_at/gradient"
-        )
+        raise self._no_loss("loss_at()")
 
     def gradient(self) -> Any:
         """The gradient of the whole-data-set loss at ``theta``, a native ``(n,)`` vector.
@@ -310,10 +306,14 @@ class Operator:
         LossUnavailableError
             When the operator is a plain matrix with no loss behind it.
         """
-        raise LossUnavailableError(
-            f"{type(self).__name__} has no loss, so no gradient: gradient() and loss_at() "
-            "need a backend curvature operator (torch_backend.hessian, jax_backend.hessian, "
-            "...); for a matrix of your own, subclass the operator and implement them"
+        raise self._no_loss("gradient()")
+
+    def _no_loss(self, call: str) -> LossUnavailableError:
+        return LossUnavailableError(
+            f"{type(self).__name__} has no loss behind it, so {call} is not available: "
+            "loss_at() and gradient() need a backend curvature operator "
+            "(torch_backend.hessian, jax_backend.hessian, ...); for a matrix of your own, "
+            "subclass the operator and implement loss_at/gradient"
         )
 
     # ------------------------------------------------------------------ interop
