@@ -31,9 +31,11 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
+# Two pytest workers, one thread each: torch's default of one thread per core would put
+# four busy threads on two cores.
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
 
 bench: $(VENV)/.installed-dev
 	$(PIP) -q -e '.[bench]'
