@@ -21,7 +21,7 @@ wrapper also keeps the algorithms' small vector operations in numpy, where they 
 cheaper than JAX's op-by-op dispatch; the products stay jitted on the JAX device.)
 
 Everything returned is plain JSON-able Python (dicts, lists, floats, ``None``); the report
-writer (:mod:`dualhess.report`) turns it into files.
+writer (:mod:`dualhess._report`) turns it into files.
 
 Examples
 --------
@@ -242,7 +242,7 @@ def analyze_operator(
 ) -> dict[str, Any]:
     """Eigenvalues, trace, density and summary of one operator, as a plain dict.
 
-    See :data:`dualhess.report.SCHEMA` (``results.<framework>.*``) for the keys.
+    See :data:`dualhess._report.SCHEMA` (``results.<framework>.*``) for the keys.
     """
     from ._density import density
     from ._eigsh import eigsh

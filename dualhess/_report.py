@@ -1,6 +1,6 @@
 """Writing what ``dualhess analyze`` found, and comparing two reports.
 
-:func:`write_report` turns the dict of :func:`dualhess.analysis.analyze` into a directory:
+:func:`write_report` turns the dict of :func:`dualhess._analysis.analyze` into a directory:
 
 ``report.json``
     Every number, the settings, the package versions, the seed, timings and product counts;
@@ -311,7 +311,7 @@ def markdown_report(report: dict[str, Any], *, plots: bool = True) -> str:
 def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = True) -> list[Path]:
     """Write ``report.json``, ``report.md`` and (unless ``plots=False``) the two PNGs.
 
-    Returns the paths written. ``report`` is the dict of :func:`dualhess.analysis.analyze`
+    Returns the paths written. ``report`` is the dict of :func:`dualhess._analysis.analyze`
     completed with ``settings``, ``versions``, ``seed`` and the other top-level keys of
     :data:`SCHEMA` (the CLI fills them in).
     """
