@@ -220,7 +220,8 @@ def crosscheck_model(
 ) -> Any:
     """Compute a PyTorch model's Hessian in PyTorch *and* in JAX, and compare.
 
-    Builds the model's Flax/JAX twin with identical weights (``jax_backend.from_torch``),
+    Builds the model's JAX twin (``jax_backend.from_torch``: ``torch.export`` of the model
+    with its loss, interpreted in JAX) with identical weights,
     the Hessian operator on each side over the same data, and returns
     :func:`dualhess.crosscheck` of the two with the parameter alignment of the twin.
 
@@ -228,8 +229,9 @@ def crosscheck_model(
     ----------
     model : torch.nn.Module
         In eval mode (Dropout/BatchNorm in train mode are refused by the converter).
-    loss_fn : torch loss module
-        ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss``, ``nn.NLLLoss``.
+    loss_fn : callable
+        A torch loss module or any ``(outputs, targets) -> scalar`` function (exported with
+        the model, so a lambda over a Hugging Face ``out.logits`` works too).
     data : batch or iterable of batches
         ``(inputs, targets)`` in torch layout; the same samples feed both sides.
     dtype : "float64" or "float32"
