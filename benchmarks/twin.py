@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -214,7 +215,8 @@ def run(size: str = "small", families: tuple[str, ...] = tuple(FAMILIES),
         "suite": "twin", "size": size, "sizes": SIZES[size], "rows": rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "jax": jax.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(),
+                    "load_average": list(os.getloadavg())},
     }
 
 
@@ -243,6 +245,10 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines += ["", f"Machine: {m['platform']}, torch {m['torch']} ({m['torch_threads']} threads), "
               f"jax {m['jax']}."]
+    if "load_average" in m:
+        lines.append(f"Load average at the end (1, 5, 15 min): "
+                     f"{', '.join(f'{x:.1f}' for x in m['load_average'])} (a shared machine "
+                     "inflates the times; the ratios are indicative).")
     return "\n".join(lines) + "\n"
 
 
