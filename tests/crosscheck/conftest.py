@@ -10,6 +10,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 try:
     import jax
 except ImportError:  # pragma: no cover - the test modules skip themselves
@@ -29,3 +31,18 @@ def _register_models() -> None:
 
 
 _register_models()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: torch's extra threads only spin, and the suite shares its cores (a
+    cross-check's torch products ran 100x slower with 2 threads on a loaded machine)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

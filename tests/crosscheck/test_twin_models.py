@@ -25,15 +25,6 @@ pytestmark = pytest.mark.both
 HVP_RTOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # tiny models: extra threads only spin (and the suite shares its cores)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EIG_RTOL = 1e-10
 
 
