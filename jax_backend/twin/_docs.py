@@ -57,7 +57,7 @@ def operators_markdown() -> str:
         "An operator missing here raises `dualhess.UnsupportedOpError`, naming it and the",
         "source line that uses it. A rule is one function in",
         "`jax_backend/twin/_ops_<family>.py`, tested against torch's values and first and",
-        "second derivatives in `tests/crosscheck/test_twin_ops.py`.",
+        "second derivatives in `tests/jax_backend/twin/test_twin_ops.py`.",
         "",
     ]
     for family, title in _FAMILIES.items():

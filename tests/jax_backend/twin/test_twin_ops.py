@@ -478,7 +478,7 @@ def test_every_rule_has_a_case():
 
 
 def test_operator_docs_are_up_to_date():
-    page = Path(__file__).resolve().parents[2] / "docs" / "twin-operators.md"
+    page = Path(__file__).resolve().parents[3] / "docs" / "twin-operators.md"
     assert page.read_text() == operators_markdown(), (
         "docs/twin-operators.md is stale: run "
         "`python -m jax_backend.twin._docs > docs/twin-operators.md`"
