@@ -69,9 +69,11 @@ def test_poisson_pinn_matches_dense_and_auto_picks_autograd():
     }
     H = dense_reference(model, lambda p: _poisson_by_hand(model, p, batch))
     op = tb.hessian(model, data=batch, closure=poisson_closure)
-    # torch.func cannot run the closure's own torch.autograd.grad: "auto" keeps autograd
+    # torch.func cannot run the closure's own torch.autograd.grad: "auto" keeps autograd,
+    # either by the CPU rule (func is not probed) or because the func probe failed
     assert op.method == "autograd"
-    assert "cannot differentiate this closure" in op.method_failures["func"]
+    reason = op.method_failures["func"]
+    assert "cannot differentiate this closure" in reason or reason.startswith("skipped: on a CPU")
     err = rel(op.to_dense(), H)
     print(f"Poisson PINN closure vs dense double backward: rel err {err:.2e}")
     assert err <= 1e-10
