@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from ._backpack import exact_diagonal, exact_trace
 from ._curvature import FisherOperator, GGNOperator, fisher, ggn
+from ._data import differentiable_attention
+from ._distributed import is_main_process
 from ._hessian import HessianOperator, TorchCurvatureOperator, hessian
 from ._input import InputHessianOperator, input_hessian
 from .monitor import HessianMonitor
@@ -34,4 +36,6 @@ __all__ = [
     "TorchCurvatureOperator",
     "input_hessian",
     "InputHessianOperator",
+    "is_main_process",
+    "differentiable_attention",
 ]

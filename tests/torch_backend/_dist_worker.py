@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import dualhess
 import torch_backend as tb
-from torch_backend._distributed import is_main_process
+from torch_backend import is_main_process
 
 
 def problem():
