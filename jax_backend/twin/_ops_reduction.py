@@ -17,55 +17,45 @@ def _cast(x: Any, dtype: Any) -> Any:
     return x if dtype is None else x.astype(jax_dtype(dtype))
 
 
-@rule("aten.sum.dim_IntList", family=_F)
-def sum_dim(x: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
-    return jnp.sum(_cast(x, dtype), axis=axes(dim, x.ndim), keepdims=keepdim)
+def _over_dims(reduce: Any) -> Any:
+    """``aten.<op>.dim``: reduce over ``dim`` (all axes when None), optional dtype cast."""
+
+    def fn(x: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+        return reduce(_cast(x, dtype), axis=axes(dim, x.ndim), keepdims=keepdim)
+
+    return fn
 
 
-@rule("aten.sum.default", family=_F)
-def sum_all(x: Any, *, dtype: Any = None) -> Any:
-    return jnp.sum(_cast(x, dtype))
+def _over_all(reduce: Any) -> Any:
+    """``aten.<op>.default``: reduce over every element, optional dtype cast."""
+
+    def fn(x: Any, *, dtype: Any = None) -> Any:
+        return reduce(_cast(x, dtype))
+
+    return fn
 
 
-@rule("aten.mean.dim", family=_F)
-def mean_dim(x: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
-    return jnp.mean(_cast(x, dtype), axis=axes(dim, x.ndim), keepdims=keepdim)
+for _op, _reduce in (("sum", jnp.sum), ("mean", jnp.mean), ("prod", jnp.prod)):
+    rule(f"aten.{_op}.default", family=_F)(_over_all(_reduce))
+rule("aten.sum.dim_IntList", family=_F)(_over_dims(jnp.sum))
+rule("aten.mean.dim", family=_F)(_over_dims(jnp.mean))
+rule("aten.prod.dim_int", family=_F)(_over_dims(jnp.prod))
 
 
-@rule("aten.mean.default", family=_F)
-def mean_all(x: Any, *, dtype: Any = None) -> Any:
-    return jnp.mean(_cast(x, dtype))
+def _extremum(reduce: Any) -> Any:
+    """``aten.amax``/``amin``: over ``dim`` (default every axis). torch's gradients spread
+    evenly over ties, exactly as JAX's ``reduce_max`` does."""
+
+    def fn(x: Any, dim: Any = (), keepdim: bool = False) -> Any:
+        return reduce(x, axis=axes(dim, x.ndim), keepdims=keepdim)
+
+    return fn
 
 
-@rule("aten.prod.default", family=_F)
-def prod_all(x: Any, *, dtype: Any = None) -> Any:
-    return jnp.prod(_cast(x, dtype))
-
-
-@rule("aten.prod.dim_int", family=_F)
-def prod_dim(x: Any, dim: int, keepdim: bool = False, *, dtype: Any = None) -> Any:
-    return jnp.prod(_cast(x, dtype), axis=axes(dim, x.ndim), keepdims=keepdim)
-
-
-# torch's amax/amin/max gradients spread evenly over ties, exactly as JAX's reduce_max
-@rule("aten.amax.default", family=_F)
-def amax(x: Any, dim: Any = (), keepdim: bool = False) -> Any:
-    return jnp.max(x, axis=axes(dim, x.ndim), keepdims=keepdim)
-
-
-@rule("aten.amin.default", family=_F)
-def amin(x: Any, dim: Any = (), keepdim: bool = False) -> Any:
-    return jnp.min(x, axis=axes(dim, x.ndim), keepdims=keepdim)
-
-
-@rule("aten.max.default", family=_F)
-def max_all(x: Any) -> Any:
-    return jnp.max(x)
-
-
-@rule("aten.min.default", family=_F)
-def min_all(x: Any) -> Any:
-    return jnp.min(x)
+rule("aten.amax.default", family=_F)(_extremum(jnp.max))
+rule("aten.amin.default", family=_F)(_extremum(jnp.min))
+rule("aten.max.default", family=_F)(jnp.max)
+rule("aten.min.default", family=_F)(jnp.min)
 
 
 def _with_indices(reduce: Any, arg: Any) -> Any:
@@ -84,18 +74,19 @@ rule("aten.max.dim", family=_F)(_with_indices(jnp.max, jnp.argmax))
 rule("aten.min.dim", family=_F)(_with_indices(jnp.min, jnp.argmin))
 
 
-@rule("aten.argmax.default", family=_F)
-def argmax(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
-    if dim is None:
-        return jnp.argmax(x.reshape(-1))
-    return jnp.argmax(x, axis=int(dim), keepdims=keepdim)
+def _arg_extremum(arg: Any) -> Any:
+    """``aten.argmax``/``argmin``: over the flattened input when ``dim`` is None."""
+
+    def fn(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
+        if dim is None:
+            return arg(x.reshape(-1))
+        return arg(x, axis=int(dim), keepdims=keepdim)
+
+    return fn
 
 
-@rule("aten.argmin.default", family=_F)
-def argmin(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
-    if dim is None:
-        return jnp.argmin(x.reshape(-1))
-    return jnp.argmin(x, axis=int(dim), keepdims=keepdim)
+rule("aten.argmax.default", family=_F)(_arg_extremum(jnp.argmax))
+rule("aten.argmin.default", family=_F)(_arg_extremum(jnp.argmin))
 
 
 @rule("aten.var.correction", family=_F)
