@@ -106,24 +106,9 @@ def var_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool =
             jnp.mean(x, axis=axes(dim, x.ndim), keepdims=keepdim))
 
 
-@rule("aten.any.default", family=_F)
-def any_all(x: Any) -> Any:
-    return jnp.any(x)
-
-
-@rule("aten.any.dim", "aten.any.dims", family=_F)
-def any_dim(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
-    return jnp.any(x, axis=axes(dim, x.ndim), keepdims=keepdim)
-
-
-@rule("aten.all.default", family=_F)
-def all_all(x: Any) -> Any:
-    return jnp.all(x)
-
-
-@rule("aten.all.dim", "aten.all.dims", family=_F)
-def all_dim(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
-    return jnp.all(x, axis=axes(dim, x.ndim), keepdims=keepdim)
+for _op, _reduce in (("any", jnp.any), ("all", jnp.all)):
+    rule(f"aten.{_op}.default", family=_F)(_over_all(_reduce))
+    rule(f"aten.{_op}.dim", f"aten.{_op}.dims", family=_F)(_over_dims(_reduce))
 
 
 @rule("aten.cumsum.default", family=_F)

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch_backend.examples import BasicBlock  # torchvision's layout
+
 DTYPE = torch.float64
 NUM_SAMPLES = 12
 
@@ -139,36 +141,6 @@ def layernorm_mlp() -> ModelCase:
     return _finish("layernorm_mlp", model, (x,), targets, nn.MSELoss())
 
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock (same structure, tiny channels)."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
-
-
 class TinyResNet(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -176,8 +148,7 @@ class TinyResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(2)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = nn.Sequential(BasicBlock(2, 2))
-        downsample = nn.Sequential(nn.Conv2d(2, 3, 1, stride=2, bias=False), nn.BatchNorm2d(3))
-        self.layer2 = nn.Sequential(BasicBlock(2, 3, stride=2, downsample=downsample))
+        self.layer2 = nn.Sequential(BasicBlock(2, 3, stride=2))  # 1x1 strided downsample
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(3, num_classes)
 
