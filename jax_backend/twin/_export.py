@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -159,6 +160,14 @@ def _check_random(program: Any) -> None:
 
 def export_graph(model: Any, args: tuple[Any, ...], loss: Callable[..., Any] | None) -> ExportedGraph:
     """Export ``model`` (with ``loss``, when given) on example ``args`` and decompose it."""
+    with warnings.catch_warnings():
+        # torch 2.13's own pytree deprecation notice, raised inside torch.export's copies; it
+        # says nothing about the user's model and would break the CLI's progress output
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return _export_graph(model, args, loss)
+
+
+def _export_graph(model: Any, args: tuple[Any, ...], loss: Callable[..., Any] | None) -> ExportedGraph:
     import torch
 
     forward_cls, loss_cls = _wrappers()
