@@ -328,6 +328,9 @@ out = {"hv": op.matvec(v).tolist(), "loss": op.loss, "num_samples": op.num_sampl
 if rank == 0:
     with open(sys.argv[1], "w") as fh:
         json.dump(out, fh)
+# every rank waits for the others before tearing gloo down: a rank that exits while its peer
+# still holds open pairs aborts ("terminate called without an active exception")
+dist.barrier()
 dist.destroy_process_group()
 '''
 
