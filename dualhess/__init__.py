@@ -21,11 +21,14 @@ from ._density import density
 from ._diagonal import diagonal
 from ._eigsh import eigsh
 from ._errors import (
+    AsymmetricOperatorError,
     BackendUnavailableError,
+    CheckpointError,
     CheckpointMismatchError,
     DualhessError,
     LossUnavailableError,
     NotConvergedWarning,
+    StaleOperatorError,
     UnsupportedOpError,
 )
 from ._lanczos import lanczos
@@ -89,5 +92,8 @@ __all__ = [
     "BackendUnavailableError",
     "UnsupportedOpError",
     "CheckpointMismatchError",
+    "CheckpointError",
+    "StaleOperatorError",
+    "AsymmetricOperatorError",
     "NotConvergedWarning",
 ]

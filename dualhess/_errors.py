@@ -22,6 +22,9 @@ __all__ = [
     "ExactUnavailableError",
     "LossUnavailableError",
     "CheckpointMismatchError",
+    "CheckpointError",
+    "StaleOperatorError",
+    "AsymmetricOperatorError",
     "BackendUnavailableError",
     "UnsupportedOpError",
     "UserFileError",
@@ -47,6 +50,21 @@ class LossUnavailableError(DualhessError, NotImplementedError):
 
 class CheckpointMismatchError(DualhessError, ValueError):
     """The checkpoint file belongs to another run (other settings or another operator)."""
+
+
+class CheckpointError(DualhessError, ValueError):
+    """A checkpoint file or path cannot be used (corrupt, truncated, empty, not writable); the
+    message names the file and the fix."""
+
+
+class StaleOperatorError(DualhessError, RuntimeError):
+    """The model's parameters changed after the operator was built (an optimizer step, an
+    in-place edit): its products would mix two sets of weights. Build a new operator."""
+
+
+class AsymmetricOperatorError(DualhessError, ValueError):
+    """The operator's products are not symmetric (``uᵀHv ≠ vᵀHu`` beyond rounding): it is not
+    a Hessian, and a symmetric eigensolver's answer would be meaningless."""
 
 
 class BackendUnavailableError(DualhessError, ImportError):
