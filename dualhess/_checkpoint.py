@@ -14,9 +14,15 @@ with a fixed probe. Re-running the same call with the same ``checkpoint=`` path 
 file and returns exactly what an uninterrupted run returns; a file made with other settings or
 another operator is refused with :class:`CheckpointMismatchError`, never silently mixed in.
 
-Writes are atomic (a temporary file in the same folder, flushed and ``fsync``-ed, then
-``os.replace``), so a process killed mid-write leaves the previous checkpoint intact. The file is
-removed when the run completes (``keep=True`` keeps it).
+Writes are atomic (a temporary file ``<name>.<random>.tmp`` in the same folder, flushed and
+``fsync``-ed, then ``os.replace``), so a process killed mid-write leaves the previous checkpoint
+intact; the temporary copies such a kill leaves behind are removed by the next save or resume.
+The file is removed when the run completes (``keep=True`` keeps it).
+
+The path is checked before the first product is spent (not a directory, its folder a writable
+directory, created when missing), and a file that is not a checkpoint (empty, truncated,
+overwritten) is refused with :class:`~dualhess.CheckpointError` naming the file and the fix. The
+file is always read with ``allow_pickle=False``: a checkpoint never runs code.
 
 Fingerprinting costs one extra operator product per call (fresh or resumed); it is not counted
 in the result's ``num_matvecs``.
@@ -27,21 +33,81 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._array import dtype_name, from_numpy, is_float64, to_numpy
-from ._errors import CheckpointMismatchError
+from ._errors import CheckpointError, CheckpointMismatchError
 from ._operator import Operator
 
-__all__ = ["Checkpoint", "CheckpointMismatchError", "open_checkpoint", "checkpointed"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "open_checkpoint",
+    "checkpointed",
+]
 
 _PROBE_SEED = 20240601
 #: Products between two saves when ``checkpoint_every`` is not given.
 DEFAULT_EVERY = 10
 
+_FIX = "delete the file or pass another checkpoint path"
+
+
+def _check_path(path: Path, writer: bool) -> None:
+    """Refuse a checkpoint path that could not be written, before any product is spent.
+
+    The folder is created when missing (as the first save would); on the writing rank a
+    temporary file is created and removed there, which also catches read-only file systems
+    and folders without write permission (``os.access`` is not enough under root or ACLs).
+    """
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint={str(path)!r} is a directory; pass a file path such as "
+            f"{str(path / 'run.npz')!r}"
+        )
+    if path.exists() and not path.is_file():
+        raise CheckpointError(
+            f"checkpoint={str(path)!r} exists but is not a regular file; pass another "
+            "checkpoint path"
+        )
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise CheckpointError(
+            f"checkpoint={str(path)!r}: its folder cannot be made ({exc.strerror}: a file stands "
+            f"where a folder is needed, {exc.filename!r}); pass a path in an existing directory"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint={str(path)!r}: its folder {str(parent)!r} cannot be created "
+            f"({exc.strerror}); pass a path in a writable directory"
+        ) from None
+    if not writer:
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint={str(path)!r}: its folder {str(parent)!r} is not writable "
+            f"({exc.strerror}); pass a path in a writable directory"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``<name>.*.tmp`` copies left beside ``path`` by a writer killed mid-save."""
+    for stale in path.parent.glob(path.name + ".*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove: the next save tries again
 
 
 def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +174,7 @@ class Checkpoint:
                 "could not reproduce the uninterrupted one"
             )
         self.path = Path(path)
+        _check_path(self.path, self._writer())
         self.every = int(every)
         self.keep = keep
         self.op = op
@@ -130,12 +197,11 @@ class Checkpoint:
 
     def load(self) -> dict[str, np.ndarray] | None:
         """The saved state, ``None`` when there is no file; refuses a foreign checkpoint."""
+        if self._writer():
+            _remove_stale_temporaries(self.path)
         if not self.path.exists():
             return None
-        with np.load(self.path, allow_pickle=False) as data:
-            state = {k: data[k] for k in data.files}
-        meta = json.loads(str(state.pop("__meta__")))
-        probe_product = state.pop("__probe_product__")
+        state, meta, probe_product = self._read()
         for key in ("kind", "n", "dtype", "operator", "settings"):
             if meta.get(key) != self.meta[key]:
                 raise CheckpointMismatchError(
@@ -151,6 +217,38 @@ class Checkpoint:
                 f"by {diff:.2e} relative); delete the file or pass another checkpoint path"
             )
         return state
+
+    def _corrupt(self, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {str(self.path)!r} is not a readable dualhess checkpoint ({why}); it "
+            f"may be truncated, empty or overwritten: {_FIX} (the run then starts afresh)"
+        )
+
+    def _read(self) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray]:
+        """The file's arrays, its metadata and its fingerprint; CheckpointError when the file
+        is not a checkpoint (never loaded with ``allow_pickle``)."""
+        if self.path.stat().st_size == 0:
+            raise self._corrupt("the file is empty")
+        try:
+            data = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            why = "not an .npz archive" if isinstance(exc, (ValueError, zipfile.BadZipFile)) else str(exc)
+            raise self._corrupt(why) from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise self._corrupt("a single .npy array, not an .npz archive")
+        try:
+            with data:
+                state = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+            raise self._corrupt("an entry of the archive cannot be read") from None
+        try:
+            meta = json.loads(str(state.pop("__meta__")))
+            probe_product = np.asarray(state.pop("__probe_product__"), dtype=np.float64)
+        except (KeyError, ValueError, TypeError):
+            raise self._corrupt("no dualhess metadata in the archive") from None
+        if not isinstance(meta, dict) or probe_product.shape != self.probe_product.shape:
+            raise self._corrupt("its metadata is malformed")
+        return state, meta, probe_product
 
     @staticmethod
     def _writer() -> bool:
@@ -169,6 +267,7 @@ class Checkpoint:
         arrays["__meta__"] = np.asarray(json.dumps(self.meta))
         arrays["__probe_product__"] = self.probe_product
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self.path)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -210,9 +309,14 @@ class _ReplayOperator(Operator):
         self.layout = getattr(op, "layout", None)
         self.ckpt = ckpt
         state = ckpt.load() or {}
-        count = int(state.get("num_calls", 0))
-        self.inputs: list[str] = [str(state[f"in{i}"]) for i in range(count)]
-        self.outputs: list[np.ndarray] = [state[f"out{i}"] for i in range(count)]
+        try:
+            count = int(state.get("num_calls", 0))
+            self.inputs: list[str] = [str(state[f"in{i}"]) for i in range(count)]
+            self.outputs: list[np.ndarray] = [np.asarray(state[f"out{i}"]) for i in range(count)]
+        except (KeyError, ValueError, TypeError):
+            raise ckpt._corrupt("its saved products are incomplete") from None
+        if any(out.ndim != 2 or out.shape[0] != op.n for out in self.outputs):
+            raise ckpt._corrupt("its saved products have the wrong shape")
         self.call = 0
         self.since_save = 0
 
