@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,6 +66,9 @@ __all__ = [
 #: Values accepted by ``--framework``.
 FRAMEWORKS = ("torch", "jax", "both")
 DTYPES = ("float64", "float32")
+#: Device types a ``--device`` string may name (torch's, checked here without importing it).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hip", "xla", "meta", "ipu", "hpu", "mtia", "privateuseone")
+_DEVICE = re.compile(r"^([a-z_]+)(:\d+)?$")
 
 Log = Callable[[str], None]
 
@@ -141,6 +145,13 @@ class AnalysisSettings:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.eig_tol is not None and not (0 < self.eig_tol < 1):
             raise ValueError(f"eig_tol must be in (0, 1), got {self.eig_tol!r}")
+        if self.device is not None:
+            match = _DEVICE.match(str(self.device).strip())
+            if not isinstance(self.device, str) or match is None or match.group(1) not in DEVICE_TYPES:
+                raise ValueError(
+                    f"--device must be a device type with an optional index ({', '.join(DEVICE_TYPES[:4])}"
+                    f", ... e.g. cuda:1), got {self.device!r}"
+                )
         if self.params is not None and not self.params.strip(" ,"):
             raise ValueError("--params is empty; give parameter names or prefixes, comma-separated")
         if not (isinstance(self.landscape_radius, (int, float)) and self.landscape_radius > 0
@@ -166,6 +177,13 @@ class AnalysisSettings:
 
 
 # ---------------------------------------------------------------------- helpers
+def _device_unavailable(exc: BaseException) -> bool:
+    """Whether a framework's error says that the requested device does not exist here."""
+    text = str(exc).lower()
+    return any(key in text for key in ("not compiled with", "device", "no cuda gpus", "cuda driver",
+                                       "mps backend", "not available"))
+
+
 def resolve_params(spec: str | None, names: Sequence[str]) -> list[str] | None:
     """Turn ``--params`` into the list of parameter names it selects, in layout order.
 
@@ -621,7 +639,16 @@ def analyze(
         log(f"[{owner.name}] building the Hessian operator")
         t0 = time.perf_counter()
         extra = {} if settings.device is None else {"device": settings.device}
-        op = owner.hessian(model, loss_fn, data, params=selected, **options, **extra)
+        try:
+            op = owner.hessian(model, loss_fn, data, params=selected, **options, **extra)
+        except (RuntimeError, AssertionError) as exc:
+            if settings.device is None or not _device_unavailable(exc):
+                raise
+            raise ValueError(
+                f"--device {settings.device!r} is not available on this machine "
+                f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                "pass --device cpu, or a device this machine has"
+            ) from exc
         # Products whose arrays compile per shape keep the algorithms' vector work on the host.
         operators[owner.name] = HostOperator(op) if getattr(op, "fixed_shapes", False) else op
         timings[f"build_{owner.name}"] = time.perf_counter() - t0

@@ -367,7 +367,40 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
+#: What :func:`compare` reads of each report's framework results.
+COMPARED_KEYS = ("n", "summary.lambda_max", "summary.lambda_min", "summary.negative_mass",
+                 "trace.xtrace.value", "trace.exact.value", "eigenvalues.values", "density")
+
+
+def _check_compared(report: dict[str, Any], framework: str, path: Any, plots: bool) -> None:
+    """Refuse a report that lacks a section :func:`compare` reads, naming the file and keys."""
+    missing = []
+    for key in COMPARED_KEYS:
+        if key == "density" and not plots:
+            continue
+        node: Any = report["results"][framework]
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(f"results.{framework}.{key}")
+                break
+            node = node[part]
+    if missing:
+        raise ValueError(
+            f"{path}: the report lacks {', '.join(missing)}; it was not written by `dualhess "
+            "analyze` or was edited: re-run `dualhess analyze` to write a complete report"
+        )
+
+
 def _pick(report: dict[str, Any], framework: str | None, path: Any) -> str:
+    frameworks = report["frameworks"]
+    results = report["results"]
+    if not isinstance(frameworks, list) or not frameworks or not isinstance(results, dict):
+        raise ValueError(f"{path}: the report names no framework results ('frameworks' is "
+                         f"{frameworks!r}); re-run `dualhess analyze` to write a complete report")
+    absent = [f for f in frameworks if f not in results]
+    if absent:
+        raise ValueError(f"{path}: 'frameworks' lists {', '.join(absent)} but 'results' has no "
+                         "such section; re-run `dualhess analyze` to write a complete report")
     if framework is None:
         return report["frameworks"][0]
     if framework not in report["results"]:
@@ -425,6 +458,8 @@ def compare(
     if len(labels) != 2:
         raise ValueError(f"--labels takes two names, got {len(labels)}")
     fa, fb = _pick(ra, framework, path_a), _pick(rb, framework, path_b)
+    _check_compared(ra, fa, path_a, plots and out_dir is not None)
+    _check_compared(rb, fb, path_b, plots and out_dir is not None)
     a, b = ra["results"][fa], rb["results"][fb]
     rows = [
         _diff_row("parameters n", a["n"], b["n"]),
@@ -443,9 +478,9 @@ def compare(
     header = ["quantity", name_a, name_b, "B - A", "rel diff"]
     cells = [[r["quantity"], _g(r["a"], 12), _g(r["b"], 12),
               "n/a" if r["diff"] is None else f"{r['diff']:.4g}", _e(r["rel_diff"])] for r in rows]
-    settings_diff = {k: [ra["settings"].get(k), rb["settings"].get(k)]
-                     for k in sorted(set(ra.get("settings", {})) | set(rb.get("settings", {})))
-                     if ra["settings"].get(k) != rb["settings"].get(k)}
+    sa, sb = ra.get("settings") or {}, rb.get("settings") or {}
+    settings_diff = {k: [sa.get(k), sb.get(k)] for k in sorted(set(sa) | set(sb))
+                     if sa.get(k) != sb.get(k)}
     table = _aligned(header, cells)
     result: dict[str, Any] = {
         "labels": list(labels),

@@ -28,15 +28,23 @@ import datetime
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._errors import UserFileError
+from ._errors import DualhessError, UserFileError
 
-__all__ = ["main", "build_parser", "load_user_file", "UserFileError"]
+__all__ = [
+    "main",
+    "build_parser",
+    "load_user_file",
+    "check_out_dir",
+    "CommandLineError",
+    "UserFileError",
+]
 
 USER_FILE_HELP = """\
 user files:
@@ -54,6 +62,48 @@ user files:
 """
 
 DEFAULT_OUT = "dualhess-report"
+
+
+class CommandLineError(DualhessError, ValueError):
+    """A command-line argument that cannot be used (exit status 2); names the flag and the fix."""
+
+
+def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
+    """Refuse an output directory that could not be written, before any work is done.
+
+    ``out`` may exist (a directory: the files in it are overwritten) or not (it is created
+    when the report is written); its nearest existing ancestor must be a writable directory.
+    Nothing is created here, so a run refused later leaves no empty folder behind.
+
+    Raises
+    ------
+    CommandLineError
+        ``out`` is an existing file, lies under a file, or cannot be written.
+    """
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CommandLineError(
+            f"{flag} {str(out)!r} is an existing file, not a directory; pass a directory "
+            f"(the report's files are written into it), e.g. {flag} {str(out)!r}-report"
+        )
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandLineError(
+            f"{flag} {str(out)!r} cannot be created: {str(existing)!r} is a file, not a "
+            f"directory; pass a {flag} directory under an existing directory"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dualhess-write-test-", dir=existing)
+    except OSError as exc:
+        raise CommandLineError(
+            f"{flag} {str(out)!r} is not writable ({exc.strerror}: {str(existing)!r}); pass a "
+            f"{flag} directory you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 
@@ -198,6 +248,9 @@ def load_user_file(path: str | Path) -> tuple[Any, Any, Any]:
         them raised; the message names the file and the function.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserFileError(f"{path} is a directory; pass a Python file (.py) defining model(), "
+                            "loss() and data() (see `dualhess analyze --help`)")
     if not path.is_file():
         raise UserFileError(f"{path}: no such file")
     if path.suffix != ".py":
@@ -266,6 +319,9 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from ._analysis import AnalysisSettings, analyze, package_versions
     from ._report import SCHEMA_VERSION, format_table, write_report
 
+    # Every argument is checked before the (long) analysis: a bad --out used to fail only
+    # when the report was written, losing the whole analysis.
+    check_out_dir(args.out)
     settings = AnalysisSettings(
         framework=args.framework,
         top_k=args.top_k,
@@ -362,6 +418,7 @@ def _per_layer(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, lo
 def _compare(args: argparse.Namespace) -> int:
     from ._report import compare
 
+    check_out_dir(args.out)
     result = compare(args.reports[0], args.reports[1], args.out, labels=args.labels,
                      framework=args.framework, plots=not args.no_plots)
     print(result["table"])
@@ -390,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain = isinstance(exc, (UserFileError, ValueError, FileNotFoundError))
         message = str(exc).strip().splitlines()[0] if plain and str(exc).strip() else _one_line(exc)
         print(f"dualhess: error: {message}", file=sys.stderr)
-        return 2 if isinstance(exc, (UserFileError, FileNotFoundError)) else 1
+        bad_input = (UserFileError, FileNotFoundError, CommandLineError)
+        return 2 if isinstance(exc, bad_input) else 1
     except KeyboardInterrupt:
         print("dualhess: interrupted", file=sys.stderr)
         return 130
