@@ -60,6 +60,11 @@ def default_rng(seed: Any) -> np.random.Generator:
     """
     if isinstance(seed, np.random.Generator):
         return seed
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed < 0:
+        raise ValueError(
+            f"seed must be a non-negative int (numpy seeds are entropy, never negative), a "
+            f"numpy.random.Generator or None, got {seed}; pass e.g. seed={abs(int(seed))}"
+        )
     if seed is None or isinstance(seed, (int, np.integer)):
         return np.random.default_rng(seed)
     raise TypeError(

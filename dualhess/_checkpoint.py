@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import dtype_name, from_numpy, is_float64, to_numpy
+from ._array import default_rng, dtype_name, from_numpy, is_float64, to_numpy
 from ._errors import CheckpointError, CheckpointMismatchError
 from ._operator import Operator
 
@@ -173,6 +173,7 @@ class Checkpoint:
                 "checkpoint= needs an integer seed: with seed=None or a Generator a resumed run "
                 "could not reproduce the uninterrupted one"
             )
+        default_rng(seed)  # a negative seed is refused here, before the fingerprint product
         self.path = Path(path)
         _check_path(self.path, self._writer())
         self.every = int(every)

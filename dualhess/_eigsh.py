@@ -47,7 +47,7 @@ from ._errors import NotConvergedWarning
 from ._operator import Operator, OperatorError
 from ._precision import WorkPrecisionOperator, precision_of, recomputed_residuals
 from ._results import Eigen
-from ._util import check_operator, progress_bar
+from ._util import check_operator, check_tolerance, progress_bar
 from ._wrappers import HostOperator
 
 __all__ = ["eigsh", "NotConvergedWarning"]
@@ -416,6 +416,7 @@ def eigsh(
         from ._checkpoint import checkpointed
 
         op = check_operator(op, "eigsh")
+        check_tolerance(tol, "tol", "eigsh")  # before the checkpoint's fingerprint product
         settings = {"k": k, "which": which, "tol": tol, "max_matvecs": max_matvecs, "max_basis": max_basis, "seed": seed}
         if block_size != 1:
             settings["block_size"] = block_size
@@ -434,9 +435,7 @@ def eigsh(
         )
     if which not in _WHICH:
         raise ValueError(f"eigsh: which must be one of {_WHICH}, got {which!r}")
-    tol = float(tol)
-    if not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"eigsh: tol must be a finite number >= 0, got {tol}")
+    tol = check_tolerance(tol, "tol", "eigsh")
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise TypeError(f"eigsh: block_size must be an int, got {type(block_size).__name__}")
     if block_size < 1:

@@ -371,6 +371,12 @@ class DenseOperator(Operator):
         asymmetry exceeds rounding, ``||A - A^T||_F > 100 eps n ||A||_F`` (``eps`` of the
         matrix's dtype, float64 for integers), is refused with :class:`OperatorError`.
         Symmetrise such a matrix first (``(A + A.T) / 2``) if that is what you mean.
+        An integer or boolean matrix is converted to float64 (as ``numpy.linalg.eigh`` and
+        ``scipy.sparse.linalg.eigsh`` do): the algorithms' vectors and Krylov coefficients
+        are real numbers, so products in an integer dtype would truncate them, and integers
+        up to 2**53 are exact in float64. ``op.dtype`` is then float64 (the array library's
+        default float where it has no float64, e.g. JAX without x64). A complex matrix is
+        refused: a Hessian is real symmetric.
     chunk_size : int, optional
         See :class:`Operator`.
     check_symmetric : bool
@@ -401,6 +407,20 @@ class DenseOperator(Operator):
             shape = matrix.shape
         if len(shape) != 2 or shape[0] != shape[1]:
             raise OperatorError(f"DenseOperator needs a square 2-D matrix, got shape {tuple(shape)}")
+        kind = dtype_name(matrix.dtype)
+        if kind.startswith("complex"):
+            raise OperatorError(
+                f"DenseOperator: the matrix is {kind}; a Hessian is real symmetric and every "
+                "algorithm assumes one. Pass the real part (A.real) if the imaginary part is zero"
+            )
+        if kind == "bool" or kind.startswith(("int", "uint")):
+            # Products, probes and Krylov coefficients are real numbers: compute in float64
+            # (exact for integers up to 2**53), as numpy.linalg.eigh and scipy do.
+            if isinstance(matrix, np.ndarray):
+                matrix = matrix.astype(np.float64)
+            else:
+                xp = array_namespace(matrix)
+                matrix = xp.astype(matrix, getattr(xp, "float64", xp.float32))
         if check_symmetric:
             _check_symmetric(to_numpy(matrix))
         self.matrix = matrix

@@ -22,7 +22,7 @@ from ._eigsh import NotConvergedWarning
 from ._operator import Operator, OperatorError
 from ._precision import WorkPrecisionOperator, precision_of
 from ._results import Eigen
-from ._util import check_operator, check_positive_int, progress_bar
+from ._util import check_operator, check_positive_int, check_tolerance, progress_bar
 
 __all__ = ["power_iteration"]
 
@@ -94,9 +94,7 @@ def power_iteration(
     if k > n:
         raise ValueError(f"power_iteration: k must be <= n (got k={k}, n={n})")
     max_iter = check_positive_int(max_iter, "max_iter", "power_iteration")
-    tol = float(tol)
-    if not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"power_iteration: tol must be a positive number, got {tol}")
+    tol = check_tolerance(tol, "tol", "power_iteration", positive=True)
     rng = default_rng(seed)
     start_count = op.num_matvecs
     # 16-bit products: a relative change below their unit roundoff is rounding noise, so

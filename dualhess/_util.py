@@ -8,7 +8,13 @@ import numpy as np
 
 from ._operator import Operator
 
-__all__ = ["check_operator", "check_positive_int", "progress_bar", "check_finite_host"]
+__all__ = [
+    "check_operator",
+    "check_positive_int",
+    "check_tolerance",
+    "progress_bar",
+    "check_finite_host",
+]
 
 
 def check_operator(op: Any, where: str) -> Operator:
@@ -32,6 +38,30 @@ def check_positive_int(value: Any, name: str, where: str) -> int:
     if value <= 0:
         raise ValueError(f"{where}: {name} must be positive, got {value}")
     return int(value)
+
+
+def check_tolerance(value: Any, name: str, where: str, *, positive: bool = False) -> float:
+    """A tolerance: a real, finite number ``>= 0`` (``> 0`` when ``positive``).
+
+    ``None``, strings and arrays are refused with a message naming the argument, rather than
+    the bare ``float()`` error (``tol=None`` does not mean "the default": omit it for that).
+    """
+    bound = "> 0" if positive else ">= 0"
+    if value is None:
+        raise TypeError(
+            f"{where}: {name}=None is not a tolerance; pass a number {bound} (e.g. {name}=1e-6), "
+            f"or leave {name} out for the default"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"{where}: {name} must be a real number {bound}, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    number = float(value)
+    if not np.isfinite(number) or number < 0 or (positive and number == 0):
+        what = "a positive number" if positive else f"a finite number {bound}"
+        raise ValueError(f"{where}: {name} must be {what}, got {number}")
+    return number
 
 
 def check_finite_host(x: np.ndarray, what: str) -> None:
