@@ -47,7 +47,7 @@ from ._errors import NotConvergedWarning
 from ._operator import Operator, OperatorError
 from ._precision import WorkPrecisionOperator, precision_of, recomputed_residuals
 from ._results import Eigen
-from ._util import check_operator, check_tolerance, progress_bar
+from ._util import check_operator, check_symmetric_products, check_tolerance, progress_bar
 from ._wrappers import HostOperator
 
 __all__ = ["eigsh", "NotConvergedWarning"]
@@ -125,6 +125,10 @@ class _Krylov:
         self.G = np.zeros((0, 0))
         self.expanded = np.zeros(0, dtype=bool)
         self.scale = 0.0
+        # max |v_i^T A v_j - v_j^T A v_i| over expanded pairs: both coefficients are in G
+        # (the later product's projection and the earlier product's coupling), so a
+        # non-symmetric operator is measured without a single extra product.
+        self.asymmetry = 0.0
 
     @property
     def size(self) -> int:
@@ -245,6 +249,10 @@ class _Krylov:
                 "parameters, the data and the loss for non-finite values"
             )
         self.scale = max(self.scale, float(np.max(np.abs(h), initial=0.0)), norm_in)
+        earlier = np.flatnonzero(self.expanded[:size_before])
+        if len(earlier):
+            gap = np.abs(h[earlier] - self.G[j, earlier])
+            self.asymmetry = max(self.asymmetry, float(np.max(gap)))
         self.expanded[j] = True
         # Invariant subspace (breakdown): the new direction is rounding noise. Drop it and
         # continue from a random vector orthogonal to the basis, uncoupled (G entry 0).
@@ -503,6 +511,8 @@ def eigsh(
             ne = kry.num_expanded
             done = False
             if ne >= k:
+                check_symmetric_products(native, kry.asymmetry, kry.scale,
+                                         op.num_matvecs - start_count, "eigsh")
                 theta, Y, res = kry.ritz()
                 scale = float(np.max(np.abs(theta), initial=0.0))
                 wanted = _select(theta, k, which)
@@ -554,6 +564,9 @@ def eigsh(
     finally:
         bar.close()
 
+    # A wrong spectrum must never look converged: a non-symmetric operator is refused.
+    check_symmetric_products(native, kry.asymmetry, kry.scale, op.num_matvecs - start_count,
+                             "eigsh")
     theta, Y, res = kry.ritz()
     scale = float(np.max(np.abs(theta), initial=0.0))
     wanted = _select(theta, k, which)

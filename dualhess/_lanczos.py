@@ -28,7 +28,7 @@ from ._docs import fill_doc
 from ._operator import Operator
 from ._precision import precision_of
 from ._results import Tridiagonal
-from ._util import check_operator, check_positive_int, progress_bar
+from ._util import check_operator, check_positive_int, check_symmetric_products, progress_bar
 from ._wrappers import HostOperator
 
 __all__ = ["lanczos"]
@@ -151,6 +151,7 @@ def lanczos(
     beta_prev = None
     eps = dtype_eps(op.dtype)
     scale = 0.0
+    asymmetry = 0.0
 
     fixed_shapes = op.fixed_shapes
     bar = progress_bar(progress, m, "lanczos", unit="steps")
@@ -160,15 +161,27 @@ def lanczos(
             a = xp.sum(Q * W, axis=0)
             W = W - Q * a
             if Q_prev is not None:
+                if not reorthogonalize:  # the one coefficient measured without the basis
+                    below = to_numpy(xp.sum(Q_prev * W, axis=0)).astype(np.float64)
+                    gap = np.abs(below - to_numpy(beta_prev).astype(np.float64))
+                    asymmetry = max(asymmetry, float(np.max(gap[active], initial=0.0)))
                 W = W - Q_prev * beta_prev
             if reorthogonalize:
                 Wt = xp.permute_dims(W, (1, 0))[:, :, None]  # (p, n, 1)
                 # numpy/torch: only the j + 1 vectors so far (a free view); jax: the whole
                 # fixed-shape basis (zero beyond j), so that eager jax compiles once.
                 done = stacked if fixed_shapes else stacked[:, :, : j + 1]
+                total = None
                 for _ in range(2):  # "twice is enough"
                     coeff = xp.matmul(xp.permute_dims(done, (0, 2, 1)), Wt)  # (p, j+1, 1)
                     Wt = Wt - xp.matmul(done, coeff)
+                    total = coeff if total is None else total + coeff
+                # For a symmetric operator these projections of A q_j - alpha q_j -
+                # beta q_{j-1} on the earlier vectors are rounding: q_i^T A q_j equals
+                # q_j^T A q_i, which is beta_{j-1} for i = j - 1 and 0 below. What is left
+                # measures the asymmetry, at no extra product.
+                gap = np.abs(to_numpy(total).astype(np.float64)[:, : j + 1, 0])
+                asymmetry = max(asymmetry, float(np.max(gap[active], initial=0.0)))
                 W = xp.permute_dims(Wt[:, :, 0], (1, 0))
             a_np = to_numpy(a).astype(np.float64)
             alpha[active, j] = a_np[active]
@@ -197,6 +210,8 @@ def lanczos(
     finally:
         bar.close()
 
+    scale = max(scale, float(np.max(np.abs(alpha), initial=0.0)))
+    check_symmetric_products(native, asymmetry, scale, max(int(np.max(steps)), 1), "lanczos")
     basis_out = None
     if return_basis:
         if basis is not None:
