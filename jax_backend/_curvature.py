@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from ._hessian import PytreeOperator, _batch_size, reduce_loss
+from ._hessian import _NORMALIZER_DOC, PytreeOperator, _batch_size, check_pair, reduce_loss
 
 __all__ = ["GGNOperator", "ggn"]
 
@@ -29,7 +29,8 @@ class GGNOperator(PytreeOperator):
         data: Any,
         **options: Any,
     ) -> None:
-        # options: chunk_size, dtype, prefix, check_deterministic (see PytreeOperator)
+        # options: chunk_size, dtype, prefix, check_deterministic, normalizer,
+        # check_symmetric (see PytreeOperator)
         if not callable(apply_fn) or not callable(loss):
             raise TypeError("ggn: apply_fn and loss must be callable")
         self.apply_fn = apply_fn
@@ -45,22 +46,47 @@ class GGNOperator(PytreeOperator):
             )
         return batch[0], batch[1]
 
+    def _reduce(self, value: Any, size: int) -> jax.Array:
+        """The batch's loss from ``loss(outputs, targets)``: the sum of a
+        ``(loss_sum, normalizer)`` pair, else the batch mean (:func:`reduce_loss`)."""
+        if self._summed:
+            return value[0]
+        return reduce_loss(value, size, "ggn: loss(outputs, targets)")
+
     def _check_batch_function(self) -> None:
         inputs, targets = self._split(self.dataset.first)
         size = _batch_size(self.dataset.first)
 
-        def loss_of_params(flat_params: jax.Array) -> jax.Array:
+        def raw_loss(flat_params: jax.Array) -> Any:
             outputs = self.apply_fn(self._unravel_fn(flat_params), inputs)
-            return reduce_loss(self.loss(outputs, targets), size, "ggn: loss(outputs, targets)")
+            return self.loss(outputs, targets)
 
-        jax.eval_shape(loss_of_params, self.params_flat)
+        raw = jax.eval_shape(raw_loss, self.params_flat)
+        self._summed = check_pair(raw, "ggn: loss(outputs, targets)")
+        value = raw[0] if self._summed else raw
+        shape = tuple(getattr(value, "shape", ()))
+        if self._summed and shape != ():
+            raise ValueError(
+                f"ggn: loss(outputs, targets) returned (loss_sum, normalizer) with loss_sum of "
+                f"shape {shape}; loss_sum must be a scalar (the sum of the batch's losses)"
+            )
+        if self._normalizer is not None and shape != ():
+            raise ValueError(
+                f"ggn: with normalizer=, loss(outputs, targets) must return a scalar (the mean "
+                f"over normalizer(batch)), got shape {shape}"
+            )
+        if not self._summed:
+            reduce_loss(value, size, "ggn: loss(outputs, targets)")
         super()._check_batch_function()
 
     def _batch_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
         inputs, targets = self._split(batch)
         outputs = self.apply_fn(self._unravel_fn(flat_params), inputs)
-        return reduce_loss(self.loss(outputs, targets), _batch_size(batch),
-                           "ggn: loss(outputs, targets)")
+        return self._reduce(self.loss(outputs, targets), _batch_size(batch))
+
+    def _batch_normalizer(self, flat_params: jax.Array, batch: Any) -> Any:
+        inputs, targets = self._split(batch)
+        return self.loss(self.apply_fn(self._unravel_fn(flat_params), inputs), targets)[1]
 
     def _batch_product(self, flat_params: jax.Array, batch: Any, v: jax.Array) -> jax.Array:
         inputs, targets = self._split(batch)
@@ -70,7 +96,7 @@ class GGNOperator(PytreeOperator):
             return self.apply_fn(self._unravel_fn(p), inputs)
 
         def loss_of_outputs(outputs: Any) -> jax.Array:
-            return reduce_loss(self.loss(outputs, targets), size, "ggn: loss(outputs, targets)")
+            return self._reduce(self.loss(outputs, targets), size)
 
         outputs, jvp_fn = jax.linearize(outputs_of, flat_params)
         jv = jvp_fn(v)
@@ -89,6 +115,8 @@ def ggn(
     dtype: Any = None,
     devices: Any = None,
     check_deterministic: bool = True,
+    normalizer: Callable[[Any], Any] | None = None,
+    check_symmetric: bool = True,
 ) -> GGNOperator:
     """The generalised Gauss-Newton matrix ``G = J^T H_L J`` over a data set.
 
@@ -97,20 +125,22 @@ def ggn(
     for convex losses (cross-entropy, squared error). Each product is one linearisation
     (forward), its transpose (reverse) and a Hessian-vector product of the loss in output
     space.
-
+%(normalizer)s
     Parameters
     ----------
     apply_fn : callable
         ``apply_fn(params, inputs) -> outputs`` (outputs may be any pytree).
     loss : callable
-        ``loss(outputs, targets)``: a scalar (the batch mean) or per-sample values with a
-        leading batch dimension, which are averaged (so optax losses work directly).
+        ``loss(outputs, targets)``: a scalar (the batch mean, or the mean over
+        ``normalizer(batch)``), per-sample values with a leading batch dimension, which are
+        averaged (so optax losses work directly), or a pair ``(loss_sum, normalizer)``.
     params : pytree
         The parameters.
     data : batch or iterable of batches
         Every batch is a pair ``(inputs, targets)``; weighting as in :func:`hessian`.
-    chunk_size, dtype, devices, check_deterministic
-        As in :func:`hessian`.
+    chunk_size, dtype, devices, check_deterministic, normalizer, check_symmetric
+        As in :func:`jax_backend.hessian`; ``normalizer(batch)`` sees the pair
+        ``(inputs, targets)``.
 
     References
     ----------
@@ -138,5 +168,10 @@ def ggn(
         chunk_size=chunk_size,
         dtype=dtype,
         check_deterministic=check_deterministic,
+        normalizer=normalizer,
+        check_symmetric=check_symmetric,
     )
     return op if devices is None else op.shard(devices)
+
+
+ggn.__doc__ = (ggn.__doc__ or "").replace("%(normalizer)s", _NORMALIZER_DOC)

@@ -10,9 +10,17 @@ operator is either
 The operators are *fixed*: every product sees the same samples, so the batches are read
 once, converted to device arrays and kept. Batches of the same shape are stacked into a
 *group*, so a whole-data-set product is one ``lax.scan`` per group inside one compiled
-function; an unequal last batch simply forms its own group. Each batch enters with the
-weight ``batch_size / num_samples``, so the result is the exact mean over all samples
-(not a mean of batch means).
+function; an unequal last batch simply forms its own group.
+
+**The loss's normaliser.** The whole-data-set loss is ``sum_b sum_i l_bi / sum_b m_b``, where
+``m_b`` is what batch ``b``'s loss divides by: its number of samples by default, the count
+returned by a ``normalizer=`` function (kept tokens under a mask, the sum of class weights), or
+the second element of a loss that returns ``(loss_sum, normalizer)``. Each batch therefore
+enters with the weight ``m_b / sum m`` (a batch-mean loss) or ``1 / sum m`` (a loss that
+returns its sum), so the result is the exact loss of the whole data set, not a mean of batch
+means. A batch whose normaliser is 0 (every label masked) contributes nothing and is left
+out of the products (its mean would be 0/0). The weights are per batch, so a group of
+equally shaped batches is scanned together with an array of its batches' weights.
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Dataset", "prepare_data", "is_single_batch", "path_name", "x64_enabled"]
+__all__ = [
+    "Dataset",
+    "prepare_data",
+    "is_single_batch",
+    "path_name",
+    "x64_enabled",
+    "check_normalizers",
+]
 
 
 def x64_enabled() -> bool:
@@ -72,6 +87,37 @@ def _to_device(leaf: Any, dtype: Any, where: str, name: str) -> jax.Array:
     )
 
 
+def check_normalizers(values: Any, where: str) -> tuple[float, ...]:
+    """Check per-batch normalisers: finite, non-negative numbers with a positive sum.
+
+    Examples
+    --------
+    >>> check_normalizers([3, 0, 2.5], "demo")
+    (3.0, 0.0, 2.5)
+    """
+    out = []
+    for index, value in enumerate(values):
+        try:
+            number = float(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{where}: the normalizer of batch {index} is {value!r}, not a number (it must be "
+                "what the batch's loss divides by: a count of kept labels, a sum of weights)"
+            ) from err
+        if not np.isfinite(number) or number < 0:
+            raise ValueError(
+                f"{where}: the normalizer of batch {index} is {number}; it must be a finite "
+                "number >= 0 (what the batch's loss divides by: kept labels, a sum of weights)"
+            )
+        out.append(number)
+    if not out or sum(out) <= 0:
+        raise ValueError(
+            f"{where}: the normalizers sum to {sum(out)} over the data (every label masked?); "
+            "the whole-data-set loss sum_b loss_sum_b / sum_b normalizer_b is undefined"
+        )
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Batches checked, moved to the device and stacked into groups of equal shape.
@@ -80,19 +126,33 @@ class Dataset:
     ----------
     groups : tuple of pytrees
         One stacked pytree per distinct batch shape; leaves have shape
-        ``(num_batches_in_group, batch_size, ...)``.
-    weights : tuple of float
-        The weight ``batch_size / num_samples`` of each batch in a group.
+        ``(num_batches_in_group, batch_size, ...)``. Batches whose normaliser is 0 are left
+        out (they contribute nothing).
+    group_weights : tuple of numpy arrays
+        For each group, the weight of each of its batches in the whole-data-set sum:
+        ``m_b / sum m`` for a loss that is a mean over ``m_b``, ``1 / sum m`` for a loss that
+        returns its sum (``summed``).
     batch_sizes : tuple of int
         The size of every batch, in the order given.
     first : pytree
         The first batch (unstacked), for shape checks.
+    normalizers : tuple of float
+        What each batch's loss divides by (``m_b``), in the order given; by default the
+        batch sizes.
+    summed : bool
+        True when the loss returns ``(loss_sum, normalizer)``: the operator divides the sums
+        once by :attr:`total_normalizer`.
+    group_index : tuple of tuple of int
+        For each group, the positions (in the order given) of its batches.
     """
 
     groups: tuple[Any, ...]
-    weights: tuple[float, ...]
+    group_weights: tuple[np.ndarray, ...]
     batch_sizes: tuple[int, ...]
     first: Any
+    normalizers: tuple[float, ...] = ()
+    summed: bool = False
+    group_index: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -103,15 +163,77 @@ class Dataset:
     def num_batches(self) -> int:
         return len(self.batch_sizes)
 
+    @property
+    def total_normalizer(self) -> float:
+        """``sum_b m_b``: what the whole-data-set loss divides by."""
+        return float(sum(self.normalizers))
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The weight of every batch in the order given (0 for a batch left out)."""
+        out = [0.0] * self.num_batches
+        for index, weights in zip(self.group_index, self.group_weights):
+            for position, weight in zip(index, weights):
+                out[position] = float(weight)
+        return tuple(out)
+
     def batches(self) -> list[tuple[float, Any]]:
-        """Every batch (unstacked) with its weight, ``(weight, batch)`` as torch's
+        """Every kept batch (unstacked) with its weight, ``(weight, batch)`` as torch's
         ``Dataset.batches()``; for reference computations."""
         out = []
-        for group, weight in zip(self.groups, self.weights):
-            count = jax.tree_util.tree_leaves(group)[0].shape[0]
-            for i in range(count):
-                out.append((weight, jax.tree_util.tree_map(lambda a, i=i: a[i], group)))
+        for group, weights in zip(self.groups, self.group_weights):
+            for i, weight in enumerate(weights):
+                out.append((float(weight), jax.tree_util.tree_map(lambda a, i=i: a[i], group)))
         return out
+
+    def all_batches(self) -> list[Any]:
+        """Every batch held (unstacked), in the order given."""
+        out: list[Any] = [None] * len(self.batch_sizes)
+        for group, index in zip(self.groups, self.group_index):
+            for i, position in enumerate(index):
+                out[position] = jax.tree_util.tree_map(lambda a, i=i: a[i], group)
+        return out
+
+    def with_normalizers(self, values: Any, *, summed: bool, where: str) -> Dataset:
+        """This data set with the loss's normalisers ``values`` (one per batch, in the order
+        given): weights ``m_b / sum m`` (``summed=False``) or ``1 / sum m``; batches whose
+        normaliser is 0 are dropped from the groups."""
+        if len(self.group_index) and any(
+            len(index) != _group_length(group)
+            for index, group in zip(self.group_index, self.groups)
+        ):  # pragma: no cover - normalisers are set once, on the full data set
+            raise AssertionError("with_normalizers: batches were already dropped")
+        values = check_normalizers(values, where)
+        if len(values) != self.num_batches:
+            raise ValueError(
+                f"{where}: {len(values)} normalizers for {self.num_batches} batches"
+            )
+        total = sum(values)
+        groups, group_weights, group_index = [], [], []
+        for group, index in zip(self.groups, self.group_index):
+            keep = [i for i, position in enumerate(index) if values[position] > 0]
+            if not keep:
+                continue
+            if len(keep) < len(index):
+                rows = np.asarray(keep)
+                group = jax.tree_util.tree_map(lambda leaf, rows=rows: leaf[rows], group)
+            kept = tuple(index[i] for i in keep)
+            scale = [1.0 if summed else values[p] for p in kept]
+            groups.append(group)
+            group_weights.append(np.asarray(scale, dtype=np.float64) / total)
+            group_index.append(kept)
+        return dataclasses.replace(
+            self,
+            groups=tuple(groups),
+            group_weights=tuple(group_weights),
+            group_index=tuple(group_index),
+            normalizers=values,
+            summed=summed,
+        )
+
+
+def _group_length(group: Any) -> int:
+    return int(jax.tree_util.tree_leaves(group)[0].shape[0])
 
 
 def prepare_data(data: Any, dtype: Any, where: str) -> Dataset:
@@ -139,8 +261,8 @@ def prepare_data(data: Any, dtype: Any, where: str) -> Dataset:
     >>> import numpy as np, jax.numpy as jnp
     >>> x, y = np.ones((10, 3)), np.zeros(10, dtype=np.int32)
     >>> ds = prepare_data([(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])], jnp.float32, "demo")
-    >>> ds.batch_sizes, ds.weights
-    ((4, 4, 2), (0.4, 0.2))
+    >>> ds.batch_sizes, ds.weights, ds.total_normalizer
+    ((4, 4, 2), (0.4, 0.4, 0.2), 10.0)
     """
     if data is None:
         raise ValueError(f"{where}: data is None; pass one batch or an iterable of batches")
@@ -158,6 +280,7 @@ def prepare_data(data: Any, dtype: Any, where: str) -> Dataset:
     first_sig: list[tuple[str, tuple[int, ...], Any]] | None = None
     first_batch = None
     by_signature: dict[Any, list[Any]] = {}
+    positions: dict[Any, list[int]] = {}
     sizes: list[int] = []
     for index, batch in enumerate(raw_batches):
         flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
@@ -211,6 +334,7 @@ def prepare_data(data: Any, dtype: Any, where: str) -> Dataset:
                 raise ValueError(f"{where}: leaf {name!r} of batch {index} contains NaN or Inf")
         sizes.append(size)
         by_signature.setdefault(size, []).append(leaves)
+        positions.setdefault(size, []).append(index)
     if not sizes:
         raise ValueError(f"{where}: data holds no batches")
 
@@ -219,5 +343,13 @@ def prepare_data(data: Any, dtype: Any, where: str) -> Dataset:
     for size, members in by_signature.items():
         stacked = [jnp.stack(column) for column in zip(*members)]
         groups.append(jax.tree_util.tree_unflatten(first_def, stacked))
-        weights.append(size / total)
-    return Dataset(tuple(groups), tuple(weights), tuple(sizes), first_batch)
+        weights.append(np.full(len(members), size / total))
+    return Dataset(
+        tuple(groups),
+        tuple(weights),
+        tuple(sizes),
+        first_batch,
+        normalizers=tuple(float(size) for size in sizes),
+        summed=False,
+        group_index=tuple(tuple(positions[size]) for size in by_signature),
+    )

@@ -4,9 +4,12 @@ Both adapters take ``loss(outputs, targets)`` and data whose batches are pairs
 ``(inputs, targets)``; the model is called as ``model(inputs)``. ``loss`` may return a
 scalar (the batch mean) or per-sample values with a leading batch dimension, which are
 averaged, so optax losses such as ``optax.softmax_cross_entropy_with_integer_labels`` work
-directly. The curvature is taken with respect to the trainable parameters only (the linen
-``params`` collection, the nnx ``nnx.Param`` state); everything else (BatchNorm statistics,
-RNG state) is held fixed, in inference mode. Floating non-trainable state is cast to the
+directly; ``loss`` may also return ``(loss_sum, normalizer)``, or ``normalizer=fn(batch)``
+says what a mean loss divides by (see the loss's normaliser in :func:`jax_backend.hessian`).
+The curvature is taken with respect to the trainable parameters only (the linen ``params``
+collection, the nnx ``nnx.Param`` state); everything else (BatchNorm statistics, RNG state)
+is held fixed, in inference mode. A module that normalises with the batch's statistics
+(BatchNorm in train mode) or draws dropout masks is refused (:mod:`jax_backend._validity`). Floating non-trainable state is cast to the
 analysis dtype (Flax keeps ``batch_stats`` in float32 whatever ``param_dtype`` is, which would
 put float32 rounding into a float64 analysis); integer and key state is kept as it is.
 """
@@ -23,7 +26,8 @@ import numpy as np
 
 from ._curvature import GGNOperator
 from ._data import path_name, x64_enabled
-from ._hessian import HessianOperator, PytreeOperator, reduce_loss
+from ._hessian import _NORMALIZER_DOC, HessianOperator, PytreeOperator, reduce_loss
+from ._validity import check_nnx_mode, linen_batch_statistics_error
 
 __all__ = ["from_linen", "from_nnx", "inference_kwargs"]
 
@@ -89,11 +93,15 @@ def _build(
     prefix: str,
     where: str,
     check_deterministic: bool = True,
+    normalizer: Callable[[Any], Any] | None = None,
+    check_symmetric: bool = True,
 ) -> PytreeOperator:
     if not callable(loss):
         raise TypeError(f"{where}: loss must be callable loss(outputs, targets)")
     options = {"chunk_size": chunk_size, "dtype": dtype, "prefix": prefix}
     options["check_deterministic"] = check_deterministic
+    options["normalizer"] = normalizer
+    options["check_symmetric"] = check_symmetric
     if curvature == "ggn":
         return GGNOperator(apply_fn, loss, params, data, **options)
     if curvature != "hessian":
@@ -107,7 +115,15 @@ def _build(
             )
         inputs, targets = batch
         size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        return reduce_loss(loss(apply_fn(p, inputs), targets), size, f"{where}: loss")
+        value = loss(apply_fn(p, inputs), targets)
+        if isinstance(value, (tuple, list)):
+            return value  # (loss_sum, normalizer): the operator checks and divides it
+        if normalizer is not None and tuple(getattr(value, "shape", ())) != ():
+            raise ValueError(
+                f"{where}: with normalizer=, loss(outputs, targets) must return a scalar (the "
+                f"mean over normalizer(batch)), got shape {tuple(value.shape)}"
+            )
+        return reduce_loss(value, size, f"{where}: loss")
 
     return HessianOperator(loss_fn, params, data, **options)
 
@@ -124,9 +140,14 @@ def from_linen(
     chunk_size: int | None = None,
     dtype: Any = None,
     check_deterministic: bool = True,
+    normalizer: Callable[[Any], Any] | None = None,
+    check_symmetric: bool = True,
 ) -> PytreeOperator:
     """Curvature of a Flax linen module with respect to its ``params`` collection.
 
+    A module that normalises with the batch's statistics (a ``BatchNorm`` run with
+    ``use_running_average=False``: it tries to update ``batch_stats``) is refused, naming it.
+%(normalizer)s
     Parameters
     ----------
     module : flax.linen.Module
@@ -137,7 +158,8 @@ def from_linen(
         BatchNorm must run on its stored statistics), their floating leaves cast to the
         analysis dtype.
     loss : callable
-        ``loss(outputs, targets)``: scalar batch mean or per-sample values (averaged).
+        ``loss(outputs, targets)``: scalar batch mean (over ``normalizer(batch)`` if given),
+        per-sample values (averaged), or a pair ``(loss_sum, normalizer)``.
     data : batch or iterable of batches
         Pairs ``(inputs, targets)``; see :func:`jax_backend.hessian`.
     curvature : {"hessian", "ggn"}
@@ -154,6 +176,12 @@ def from_linen(
     check_deterministic : bool
         Refuse a module that draws random numbers in the loss (e.g. ``rngs=`` in
         ``apply_kwargs`` with Dropout on), as in :func:`jax_backend.hessian`.
+    normalizer : callable, optional
+        ``normalizer(batch) -> number`` for the pair ``(inputs, targets)``: what a scalar
+        ``loss`` divides by (kept tokens, a sum of class weights); see
+        :func:`jax_backend.hessian`.
+    check_symmetric : bool
+        The construction-time symmetry probe, as in :func:`jax_backend.hessian`.
 
     Returns
     -------
@@ -210,8 +238,18 @@ def from_linen(
             "params.",
             "from_linen",
             check_deterministic,
+            normalizer,
+            check_symmetric,
         )
+    except flax.errors.ScopeCollectionNotFound as err:
+        raise ValueError(
+            "from_linen: the module reads a collection that variables lacks; pass the whole "
+            f"dict returned by module.init (with 'batch_stats' for BatchNorm). Flax said: {err}"
+        ) from err
     except (flax.errors.ModifyScopeVariableError, flax.errors.InvalidRngError) as err:
+        refusal = linen_batch_statistics_error(err, "from_linen")
+        if refusal is not None:
+            raise refusal from err
         raise ValueError(
             "from_linen: the module did not run in inference mode (it tried to update a "
             "collection or asked for an RNG). Pass apply_kwargs, e.g. {'train': False}, so "
@@ -228,12 +266,15 @@ def from_nnx(
     chunk_size: int | None = None,
     dtype: Any = None,
     check_deterministic: bool = True,
+    normalizer: Callable[[Any], Any] | None = None,
+    check_symmetric: bool = True,
 ) -> PytreeOperator:
     """Curvature of a Flax nnx model with respect to its ``nnx.Param`` state.
 
-    The model is cloned and the clone put in evaluation mode (``.eval()``: BatchNorm on
-    its running statistics, Dropout off); the user's model is never changed. The clone is
-    split with ``nnx.split(clone, nnx.Param, ...)``; the non-parameter state (batch
+    The model is analysed in the mode it is in, as the torch backend does: one in train mode
+    with a BatchNorm on the batch's statistics (``use_running_average=False``) or an active
+    Dropout is refused, naming the modules; call ``model.eval()`` first (the Hessian is then
+    that of the network used at inference). The model is cloned, and the clone is split with ``nnx.split(clone, nnx.Param, ...)``; the non-parameter state (batch
     statistics, RNG state) is held fixed, and each product runs ``nnx.merge`` of the
     parameters with it inside the compiled function; its floating leaves are cast to the
     analysis dtype (nnx ``BatchNorm`` keeps its statistics in float32).
@@ -243,7 +284,8 @@ def from_nnx(
     model : flax.nnx.Module
         The model, called as ``model(inputs)``.
     loss : callable
-        ``loss(outputs, targets)``: scalar batch mean or per-sample values (averaged).
+        ``loss(outputs, targets)``: scalar batch mean (over ``normalizer(batch)`` if given),
+        per-sample values (averaged), or a pair ``(loss_sum, normalizer)``.
     data : batch or iterable of batches
         Pairs ``(inputs, targets)``; see :func:`jax_backend.hessian`.
     curvature : {"hessian", "ggn"}
@@ -256,6 +298,16 @@ def from_nnx(
         draw. A model that advances its ``nnx.Rngs`` in ``__call__`` (noise from
         ``self.rngs``, Dropout forced to ``deterministic=False``) is always refused: it is
         not a function of its parameters.
+    normalizer : callable, optional
+        ``normalizer(batch) -> number`` for the pair ``(inputs, targets)``: what a scalar
+        ``loss`` divides by; see :func:`jax_backend.hessian`.
+    check_symmetric : bool
+        The construction-time symmetry probe, as in :func:`jax_backend.hessian`.
+
+    Raises
+    ------
+    dualhess.OperatorError
+        BatchNorm or Dropout in train mode (the message names the modules).
 
     Returns
     -------
@@ -279,8 +331,8 @@ def from_nnx(
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"from_nnx: model must be a flax.nnx.Module, got {type(model).__name__}")
+    check_nnx_mode(model, "from_nnx")
     clone = nnx.clone(model)
-    clone.eval()
     graphdef, param_state, rest = nnx.split(clone, nnx.Param, ...)
     pure = nnx.to_pure_dict(param_state)
     rest = _cast_state(rest, _analysis_dtype(pure, dtype))
@@ -310,6 +362,8 @@ def from_nnx(
             "",
             "from_nnx",
             check_deterministic,
+            normalizer,
+            check_symmetric,
         )
     except flax.errors.TraceContextError as err:
         raise ValueError(
@@ -319,3 +373,6 @@ def from_nnx(
             "parameters. Make that randomness switchable (honour .eval() / a deterministic "
             f"flag) for the analysis. Flax said: {str(err).splitlines()[0]}"
         ) from err
+
+
+from_linen.__doc__ = (from_linen.__doc__ or "").replace("%(normalizer)s", _NORMALIZER_DOC)

@@ -7,7 +7,8 @@ ravel order). ``op.unravel(flat)`` and ``op.ravel(tree)`` go between the two for
 
 A product over the whole data set is one compiled function: for every group of equally
 shaped batches a ``lax.scan`` accumulates the per-batch products, each weighted by
-``batch_size / num_samples`` (see :mod:`jax_backend.data`). ``matvec`` is compiled once;
+``m_b / sum m`` where ``m_b`` is what batch ``b``'s loss divides by (its size by default;
+see the loss's normaliser in :mod:`jax_backend._data`). ``matvec`` is compiled once;
 ``matmat`` is ``jax.vmap`` of the same function over columns, compiled once per column
 count (``chunk_size`` columns; a last, smaller chunk is zero-padded so it reuses the
 compiled function).
@@ -37,6 +38,8 @@ from dualhess._operator import Operator, OperatorError, ParamLayout
 
 from ._data import Dataset, path_name, prepare_data, x64_enabled
 from ._memory import free_device_memory
+from ._validity import check_loss_depends_on_params, check_normalizer_is_fixed
+from ._validity import check_symmetric as check_symmetric_probe
 
 __all__ = [
     "PytreeOperator",
@@ -144,6 +147,43 @@ def _group_length(group: Any) -> int:
     return int(jax.tree_util.tree_leaves(group)[0].shape[0])
 
 
+def _weighted_sum(
+    per_batch: Callable[[Any], Any],
+    groups: tuple[Any, ...],
+    group_weights: tuple[np.ndarray, ...],
+    zero: Any,
+    direct_single: bool = True,
+) -> Any:
+    """``sum_b w_b per_batch(batch_b)`` over groups of stacked batches, one ``lax.scan`` per
+    group. A group whose batches share one weight sums first and multiplies once (as before
+    the per-batch weights: the same rounding); otherwise the scan carries the weights too."""
+    acc = zero
+    for group, weights in zip(groups, group_weights):
+        if direct_single and _group_length(group) == 1:
+            # One batch of this shape: call it directly. XLA optimises a product
+            # outside a loop better (measured: the digits CNN's HVP took 1.6x as
+            # long inside a one-step scan as outside it, on the CPU).
+            batch = jax.tree_util.tree_map(lambda leaf: leaf[0], group)
+            acc = acc + float(weights[0]) * per_batch(batch)
+            continue
+        if np.all(weights == weights[0]):
+            def body(carry: Any, batch: Any) -> tuple[Any, None]:
+                return carry + per_batch(batch), None
+
+            summed, _ = jax.lax.scan(body, jnp.zeros_like(zero), group)
+            acc = acc + float(weights[0]) * summed
+            continue
+
+        def weighted(carry: Any, item: tuple[Any, jax.Array]) -> tuple[Any, None]:
+            batch, weight = item
+            return carry + weight * per_batch(batch), None
+
+        column = jnp.asarray(weights, dtype=jnp.result_type(zero))
+        summed, _ = jax.lax.scan(weighted, jnp.zeros_like(zero), (group, column))
+        acc = acc + summed
+    return acc
+
+
 def _free_device_memory() -> int:
     return free_device_memory()  # looked up here at call time, so tests can patch it
 
@@ -168,8 +208,9 @@ class PytreeOperator(Operator):
     """A curvature operator on the flattened parameters of a pytree, fixed on its data.
 
     Subclasses provide ``_batch_product(flat_params, batch, v) -> (n,)`` for one batch
-    (the curvature of the batch-mean loss); this class sums batches with weights
-    ``batch_size / num_samples`` inside one jitted function and vmaps it over columns.
+    (the curvature of the batch's loss); this class sums batches with weights ``m_b / sum m``
+    (``1 / sum m`` for a loss that returns ``(loss_sum, normalizer)``) inside one jitted
+    function and vmaps it over columns.
 
     Attributes
     ----------
@@ -194,6 +235,8 @@ class PytreeOperator(Operator):
         where: str = "hessian",
         prefix: str = "",
         check_deterministic: bool = True,
+        normalizer: Callable[[Any], Any] | None = None,
+        check_symmetric: bool = True,
     ) -> None:
         auto_chunk = chunk_size == "auto"
         chunk_size = None if auto_chunk else chunk_size
@@ -207,32 +250,23 @@ class PytreeOperator(Operator):
         super().__init__((n, n), dtype, like=jnp.zeros((0,), dtype), chunk_size=chunk_size)
         self.layout = layout
         self.num_traces = 0
+        self._normalizer = normalizer
         self._check_batch_function()
+        self._set_normalizers(normalizer)
         self._check_finite_loss()
         if check_deterministic:
             self._check_no_random_draws()
+        self._check_loss_depends_on_params()
 
-        weights = self.dataset.weights
+        group_weights = self.dataset.group_weights
         product = self._batch_product
 
         def total(flat_params: jax.Array, groups: tuple[Any, ...], v: jax.Array) -> jax.Array:
             self.num_traces += 1  # Python side effect: runs only while tracing
-            acc = jnp.zeros_like(v)
-            for group, weight in zip(groups, weights):
-                if _group_length(group) == 1:
-                    # One batch of this shape: call it directly. XLA optimises a product
-                    # outside a loop better (measured: the digits CNN's HVP took 1.6x as
-                    # long inside a one-step scan as outside it, on the CPU).
-                    batch = jax.tree_util.tree_map(lambda leaf: leaf[0], group)
-                    acc = acc + weight * product(flat_params, batch, v)
-                    continue
-
-                def body(carry: jax.Array, batch: Any) -> tuple[jax.Array, None]:
-                    return carry + product(flat_params, batch, v), None
-
-                summed, _ = jax.lax.scan(body, jnp.zeros_like(v), group)
-                acc = acc + weight * summed
-            return acc
+            return _weighted_sum(
+                lambda batch: product(flat_params, batch, v), groups, group_weights,
+                jnp.zeros_like(v),
+            )
 
         self._matvec_jit = jax.jit(total)
         self._matmat_jit = jax.jit(jax.vmap(total, in_axes=(None, None, 1), out_axes=1))
@@ -244,6 +278,11 @@ class PytreeOperator(Operator):
 
         self._apply_jit = jax.jit(apply)
         self._apply_mat_jit = jax.jit(jax.vmap(apply, in_axes=(None, 1), out_axes=1))
+        #: The relative asymmetry |u^T H v - v^T H u| / (|u||Hv| + |v||Hu|) the probe
+        #: measured at construction (None when skipped with check_symmetric=False).
+        self.asymmetry: float | None = None
+        if check_symmetric:
+            self.asymmetry = check_symmetric_probe(self._matvec, self.n, self.dtype, where)
         if auto_chunk:
             self.chunk_size = self.auto_chunk_size()
 
@@ -280,25 +319,83 @@ class PytreeOperator(Operator):
         raise NotImplementedError
 
     def _batch_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
-        """The (batch-mean) loss of one batch, whose curvature the operator is."""
+        """The loss of one batch, whose curvature the operator is: its mean over the batch's
+        normaliser, or its sum when the loss returns ``(loss_sum, normalizer)``."""
         raise LossUnavailableError(f"{type(self).__name__} defines no loss (no _batch_loss)")
+
+    def _batch_normalizer(self, flat_params: jax.Array, batch: Any) -> Any:
+        """The normaliser a ``(loss_sum, normalizer)`` loss returns for one batch."""
+        raise NotImplementedError  # pragma: no cover - only called in the pair form
+
+    #: True when the loss returns ``(loss_sum, normalizer)`` (set by _check_batch_function).
+    _summed = False
+
+    # -- the loss's normaliser
+    def _set_normalizers(self, normalizer: Callable[[Any], Any] | None) -> None:
+        """Evaluate every batch's normaliser once and weight the batches by it.
+
+        ``(loss_sum, normalizer)`` losses: the second element, evaluated at the parameters
+        (and checked not to depend on them); ``normalizer=fn``: ``fn(batch)`` on each batch;
+        neither: the batch sizes (the dataset's default weights are kept).
+        """
+        where = self._where
+        if self._summed:
+            if normalizer is not None:
+                raise ValueError(
+                    f"{where}: the loss returns (loss_sum, normalizer) and normalizer= was "
+                    "passed too; give the normaliser one way"
+                )
+            check_normalizer_is_fixed(
+                self._batch_normalizer, self.params_flat, self.dataset.first, where
+            )
+            per_group = jax.jit(
+                lambda flat, group: jax.lax.map(
+                    lambda batch: jnp.asarray(self._batch_normalizer(flat, batch)), group
+                )
+            )
+            values = [0.0] * self.dataset.num_batches
+            for group, index in zip(self.dataset.groups, self.dataset.group_index):
+                got = np.asarray(per_group(self.params_flat, group), dtype=np.float64)
+                for position, value in zip(index, got.reshape(len(index), -1)):
+                    if value.size != 1:
+                        raise ValueError(
+                            f"{where}: the normalizer returned by the loss has shape "
+                            f"{value.shape}; it must be a scalar (what the loss sum is divided by)"
+                        )
+                    values[position] = float(value[0])
+        elif normalizer is not None:
+            if not callable(normalizer):
+                raise TypeError(
+                    f"{where}: normalizer must be a function fn(batch) -> number (what the "
+                    f"batch's loss divides by), got {type(normalizer).__name__}"
+                )
+            values = [normalizer(batch) for batch in self.dataset.all_batches()]
+        else:
+            return
+        self.dataset = self.dataset.with_normalizers(values, summed=self._summed, where=where)
+
+    def _check_loss_depends_on_params(self) -> None:
+        """Refuse a loss with no gradient in the parameters (see :mod:`jax_backend._validity`)."""
+        try:
+            jax.eval_shape(self._batch_loss, self.params_flat, self.dataset.first)
+        except LossUnavailableError:
+            return
+        check_loss_depends_on_params(
+            self._batch_loss, self.params_flat, self.dataset.first, self._where
+        )
 
     # -- the loss behind the curvature
     def _whole_data(self, per_batch: Callable[[jax.Array, Any], jax.Array]) -> Callable:
         """Jit ``flat -> sum_b weight_b * per_batch(flat, batch_b)`` over the data set."""
-        weights = self.dataset.weights
+        group_weights = self.dataset.group_weights
 
         def total(flat_params: jax.Array, groups: tuple[Any, ...]) -> jax.Array:
-            acc = None
-            for group, weight in zip(groups, weights):
-                def body(carry: jax.Array, batch: Any) -> tuple[jax.Array, None]:
-                    return carry + per_batch(flat_params, batch), None
-
-                first = jax.tree_util.tree_map(lambda leaf: leaf[0], group)
-                zero = jnp.zeros_like(jax.eval_shape(per_batch, flat_params, first))
-                summed, _ = jax.lax.scan(body, zero, group)
-                acc = weight * summed if acc is None else acc + weight * summed
-            return acc
+            first = jax.tree_util.tree_map(lambda leaf: leaf[0], groups[0])
+            zero = jnp.zeros_like(jax.eval_shape(per_batch, flat_params, first))
+            return _weighted_sum(
+                lambda batch: per_batch(flat_params, batch), groups, group_weights, zero,
+                direct_single=False,
+            )
 
         return jax.jit(total)
 
@@ -311,7 +408,8 @@ class PytreeOperator(Operator):
         return self._whole_data(jax.grad(self._batch_loss))
 
     def loss_at(self, delta: jax.Array) -> float:
-        """The whole-data-set loss at ``theta + delta`` (batches weighted as in the products).
+        """The whole-data-set loss at ``theta + delta`` (batches weighted as in the products:
+        ``sum_b sum_i l_bi / sum_b m_b``, see the loss's normaliser in :func:`hessian`).
 
         Parameters
         ----------
@@ -406,13 +504,20 @@ class PytreeOperator(Operator):
         intermediates of every batch would have to be kept, so they are recomputed instead.
         """
         if self._linearized is None:
-            if self.dataset.num_batches != 1 or self.dataset.weights[0] != 1.0:
+            groups = self.dataset.groups
+            if len(groups) != 1 or _group_length(groups[0]) != 1:
                 self._linearized = False
             else:
-                batch = jax.tree_util.tree_map(lambda leaf: leaf[0], self.dataset.groups[0])
+                batch = jax.tree_util.tree_map(lambda leaf: leaf[0], groups[0])
                 linear = self._linearize_jit(self.params_flat, batch)
                 self._linearized = False if linear is None else linear
         return self._linearized or None
+
+    def _linear_scaled(self, out: jax.Array) -> jax.Array:
+        """The kept linearisation's product times the one batch's weight (1 for a
+        batch-mean loss, ``1 / normalizer`` for a ``(loss_sum, normalizer)`` loss)."""
+        weight = float(self.dataset.group_weights[0][0])
+        return out if weight == 1.0 else weight * out
 
     @functools.cached_property
     def _linearize_jit(self) -> Callable[..., Any]:
@@ -422,7 +527,7 @@ class PytreeOperator(Operator):
     def _matvec(self, v: jax.Array) -> jax.Array:
         linear = self._linearization()
         if linear is not None:
-            return self._apply_jit(linear, v)
+            return self._linear_scaled(self._apply_jit(linear, v))
         return self._matvec_jit(self.params_flat, self.dataset.groups, v)
 
     def _matmat(self, V: jax.Array) -> jax.Array:
@@ -430,7 +535,7 @@ class PytreeOperator(Operator):
         width = self.chunk_size
         linear = self._linearization()
         if linear is not None:
-            run = lambda cols: self._apply_mat_jit(linear, cols)  # noqa: E731
+            run = lambda cols: self._linear_scaled(self._apply_mat_jit(linear, cols))  # noqa: E731
         else:
             run = lambda cols: self._matmat_jit(self.params_flat, self.dataset.groups, cols)  # noqa: E731
         if width is not None and k < width:  # pad the last chunk: no second compilation
@@ -501,22 +606,32 @@ class HessianOperator(PytreeOperator):
     def __init__(
         self, loss_fn: Callable[[Any, Any], Any], params: Any, data: Any, **options: Any
     ) -> None:
-        # options: chunk_size, dtype, prefix, check_deterministic (see PytreeOperator)
+        # options: chunk_size, dtype, prefix, check_deterministic, normalizer,
+        # check_symmetric (see PytreeOperator)
         if not callable(loss_fn):
             raise TypeError(f"hessian: loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         super().__init__(params, data, where="hessian", **options)
 
     def _flat_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:
-        return self.loss_fn(self._unravel_fn(flat_params), batch)
+        value = self.loss_fn(self._unravel_fn(flat_params), batch)
+        return value[0] if self._summed else value
+
+    def _batch_normalizer(self, flat_params: jax.Array, batch: Any) -> Any:
+        return self.loss_fn(self._unravel_fn(flat_params), batch)[1]
 
     def _check_batch_function(self) -> None:
-        out = jax.eval_shape(self._flat_loss, self.params_flat, self.dataset.first)
+        raw = jax.eval_shape(
+            lambda p, b: self.loss_fn(self._unravel_fn(p), b), self.params_flat, self.dataset.first
+        )
+        self._summed = check_pair(raw, "hessian: loss_fn(params, batch)")
+        out = raw[0] if self._summed else raw
         shape = getattr(out, "shape", None)
         if shape is None:
             raise ValueError(
                 "hessian: loss_fn(params, batch) must return a scalar array (the mean over the "
-                f"batch), got a {type(out).__name__} (auxiliary outputs are not supported)"
+                f"batch) or a pair (loss_sum, normalizer), got a {type(out).__name__} "
+                "(auxiliary outputs are not supported)"
             )
         if tuple(shape) != ():
             raise ValueError(
@@ -539,6 +654,45 @@ class HessianOperator(PytreeOperator):
         return jax.linearize(lambda p: grad(p, batch), flat_params)[1]
 
 
+def check_pair(out: Any, what: str) -> bool:
+    """True when a loss's (abstract) value is the pair ``(loss_sum, normalizer)``; checks the
+    normaliser is a scalar number. Other tuples are left to the caller's error."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        return False
+    norm = out[1]
+    if (
+        not hasattr(norm, "shape")
+        or tuple(norm.shape) != ()
+        or not (jnp.issubdtype(norm.dtype, jnp.number) or jnp.issubdtype(norm.dtype, jnp.bool_))
+    ):
+        raise ValueError(
+            f"{what} returned a pair, read as (loss_sum, normalizer), but its second element "
+            f"is {getattr(norm, 'shape', type(norm).__name__)} "
+            f"{getattr(norm, 'dtype', '')}, not a scalar number. Return the sum of the losses "
+            "and what it is divided by (a count of kept labels, a sum of class weights); "
+            "auxiliary outputs are not supported"
+        )
+    return True
+
+
+_NORMALIZER_DOC = """
+    **The loss's normaliser.** The operator is the Hessian of the whole-data-set loss
+    ``sum_b sum_i l_bi / sum_b m_b``, where ``m_b`` is what batch ``b``'s loss divides by.
+    Three ways to say what ``m_b`` is:
+
+    - default: the loss is a mean over the batch's samples, ``m_b`` = the batch size;
+    - ``normalizer=fn``: the loss is a mean over ``fn(batch)`` (kept tokens under a mask,
+      the sum of class weights); batch ``b`` gets the weight ``m_b / sum m``;
+    - the loss returns ``(loss_sum, normalizer)``: the operator uses ``loss_sum`` and divides
+      once by ``sum_b normalizer_b``. The normaliser must not depend on the parameters; it is
+      evaluated once, at construction.
+
+    A batch whose normaliser is 0 (every label masked) contributes nothing (it is left out,
+    so its 0/0 mean never enters). A loss that is a sum (``reduction="sum"``) needs nothing.
+    The values are ``op.dataset.normalizers`` (per batch) and ``op.dataset.total_normalizer``.
+"""
+
+
 # ---------------------------------------------------------------------- public functions
 def hessian(
     loss_fn: Callable[[Any, Any], Any],
@@ -549,15 +703,18 @@ def hessian(
     dtype: Any = None,
     devices: Any = None,
     check_deterministic: bool = True,
+    normalizer: Callable[[Any], Any] | None = None,
+    check_symmetric: bool = True,
 ) -> HessianOperator:
     """The Hessian of a loss over a data set, as a :class:`dualhess.Operator` on jax vectors.
-
+%(normalizer)s
     Parameters
     ----------
     loss_fn : callable
         ``loss_fn(params, batch) -> scalar``: the **mean** loss over the samples of
-        ``batch``. A non-scalar result is an error (reduce per-sample losses with
-        ``jnp.mean``).
+        ``batch`` (or over ``normalizer(batch)``), or a pair ``(loss_sum, normalizer)``:
+        the sum of the batch's losses and what it is divided by. A non-scalar result is an
+        error (reduce per-sample losses with ``jnp.mean``).
     params : pytree
         The parameters (any pytree of floating arrays: dicts, lists, Flax ``params``).
     data : batch or iterable of batches
@@ -580,6 +737,16 @@ def hessian(
         Refuse a loss whose trace draws random numbers (default True): with a fixed PRNG
         key (Dropout, noise) every product repeats one draw. One abstract trace, no
         computation. ``False`` analyses the loss with that draw held fixed.
+    normalizer : callable, optional
+        ``normalizer(batch) -> number``: what ``loss_fn`` divides by on that batch (e.g.
+        ``lambda b: (b[1] != -100).sum()`` for a loss averaged over kept tokens); batches
+        are then weighted by it. Default: the batch size. Not with a pair-returning loss.
+    check_symmetric : bool
+        Probe the symmetry at construction (default True): two products ``Hu``, ``Hv`` with
+        seeded random ``u, v``; ``|u^T H v - v^T H u|`` beyond rounding
+        (:func:`jax_backend._validity.symmetry_tolerance`) raises
+        :class:`dualhess.AsymmetricOperatorError` (a ``custom_jvp``/``custom_vjp`` with an
+        inconsistent rule). ``False`` skips it.
 
     Returns
     -------
@@ -594,9 +761,15 @@ def hessian(
     ------
     ValueError
         Non-scalar loss, NaN/Inf in parameters, data or the loss, batches of different
-        structure, random draws in the loss.
+        structure, random draws in the loss, normalisers that are negative, not finite or
+        sum to 0.
     TypeError
         Non-floating parameters, float64 without ``jax_enable_x64``.
+    dualhess.OperatorError
+        The loss does not depend on the parameters (no gradient in them), or its returned
+        normaliser does.
+    dualhess.AsymmetricOperatorError
+        The products are not symmetric (see ``check_symmetric``).
 
     References
     ----------
@@ -624,8 +797,13 @@ def hessian(
         chunk_size=chunk_size,
         dtype=dtype,
         check_deterministic=check_deterministic,
+        normalizer=normalizer,
+        check_symmetric=check_symmetric,
     )
     return op if devices is None else op.shard(devices)
+
+
+hessian.__doc__ = (hessian.__doc__ or "").replace("%(normalizer)s", _NORMALIZER_DOC)
 
 
 def dense_hessian(
@@ -635,10 +813,12 @@ def dense_hessian(
     *,
     max_size: int | None = None,
     dtype: Any = None,
+    normalizer: Callable[[Any], Any] | None = None,
 ) -> jax.Array:
     """The full ``n x n`` Hessian via :func:`jax.hessian`, for small models and tests.
 
-    Same conventions as :func:`hessian` (batches weighted by size); the flat order is that
+    Same conventions as :func:`hessian` (batches weighted by their normalisers: sizes by
+    default, ``normalizer=`` or a ``(loss_sum, normalizer)`` loss); the flat order is that
     of ``ravel_pytree(params)``, the same as the operator's.
 
     Parameters
@@ -663,7 +843,9 @@ def dense_hessian(
             f"{8 * n * n / 2**30:.2f} GiB and jax.hessian pushes {n} tangents at once. Use "
             "hessian(...) with the matrix-free algorithms, or pass max_size= explicitly."
         )
-    op = HessianOperator(loss_fn, params, data, dtype=dtype)
+    op = HessianOperator(
+        loss_fn, params, data, dtype=dtype, normalizer=normalizer, check_symmetric=False
+    )
     hess = jax.jit(jax.hessian(op._flat_loss))
     total = jnp.zeros((op.n, op.n), dtype=op.dtype)
     for weight, batch in op.dataset.batches():

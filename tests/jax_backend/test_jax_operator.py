@@ -204,7 +204,8 @@ def test_prepare_data_groups_by_shape():
     ds = prepare_data([x[:4], x[4:8], x[8:]], jnp.float64, "test")
     assert ds.batch_sizes == (4, 4, 2) and ds.num_samples == 10
     assert [jax.tree_util.tree_leaves(g)[0].shape for g in ds.groups] == [(2, 4, 1), (1, 2, 1)]
-    assert ds.weights == (0.4, 0.2)
+    assert ds.weights == (0.4, 0.4, 0.2)  # per batch (was per group: weights now vary per batch)
+    assert ds.normalizers == (4.0, 4.0, 2.0) and ds.total_normalizer == 10.0
     assert [b.shape[0] for _, b in ds.batches()] == [4, 4, 2]
     assert sum(w for w, _ in ds.batches()) == pytest.approx(1.0, abs=1e-15)
 
