@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ._backpack import exact_diagonal, exact_trace
 from ._curvature import FisherOperator, GGNOperator, fisher, ggn
-from ._data import differentiable_attention
+from ._data import differentiable_attention, label_count
 from ._distributed import is_main_process
 from ._hessian import HessianOperator, TorchCurvatureOperator, hessian
 from ._input import InputHessianOperator, input_hessian
@@ -38,4 +38,5 @@ __all__ = [
     "InputHessianOperator",
     "is_main_process",
     "differentiable_attention",
+    "label_count",
 ]

@@ -6,7 +6,7 @@ log-likelihood, summed over its ``D`` loss elements (the ``C`` outputs of ``MSEL
 ``BCEWithLogitsLoss``, the positions of a ``(N, C, d1, ...)`` ``CrossEntropyLoss``/``NLLLoss``;
 ``D = 1`` for one class label per sample), and ``r`` is the factor of the loss's reduction::
 
-    reduction="mean":  L = r sum_n l_n,  r = 1/(N D)     reduction="sum":  L = sum_n l_n, r = 1
+    reduction="mean":  L = r sum_n l_n,  r = 1/M          reduction="sum":  L = sum_n l_n, r = 1
     GGN        G = r sum_n J_n^T (d^2 l_n / df^2) J_n        (the Hessian of L without the
                                                            second-order terms of the network)
     empirical  F = r sum_n g_n g_n^T,                      g_n = grad_theta l_n(f_n, y_n)
@@ -20,9 +20,14 @@ supported loss and either reduction, and the three operators have the scale of t
 ``L``. (``NLLLoss`` is linear in its log-probability inputs, so its GGN split there is zero; its
 MC Fisher equals the GGN of ``CrossEntropyLoss`` on the logits before the ``log_softmax``.)
 
-``D`` is read from a loss module by evaluating a copy with ``reduction="none"`` on the first
-batch; for a plain callable ``loss_fn(outputs, targets)`` the loss of one sample alone is
-``l_n`` (``D = 1``, ``r = 1/N`` for ``"mean"``).
+``M`` is the loss's normaliser summed over the data set (:mod:`torch_backend._data`): ``N D``
+for a plain mean, the number of kept labels under ``ignore_index``, the sum of the class
+weights of the labels under ``weight=``. ``l_n`` is evaluated with a copy of the loss module
+whose ``reduction`` is ``"sum"``, so class weights and ignored positions enter exactly as in
+the loss (an ignored position contributes nothing, and the MC Fisher keeps it ignored). For a
+plain callable ``loss_fn(outputs, targets)`` the loss of one sample alone is ``l_n``
+(``D = 1``, ``M = N`` for ``"mean"``). ``D`` (``op.elements_per_sample``) is read from a loss
+module by evaluating a copy with ``reduction="none"`` on the first batch.
 
 References
 ----------
@@ -118,16 +123,22 @@ class FisherOperator(TorchCurvatureOperator):
             seed = int(np.random.default_rng().integers(2**31))
         self.seed = int(seed)
         self._likelihood = _likelihood(objective.loss_fn) if kind == "mc" else None
-        # l_n = D * (loss_fn of sample n alone) for "mean" (it averages over D elements),
-        # r = 1/(N D): the weight of g g^T for g = grad(loss_fn of one sample) is r * D**2.
+        if objective.normalizer is not None or objective.returns_pairs:
+            raise ValueError(
+                "fisher: the Fisher is built from per-sample losses l_n, which a normalizer= or "
+                "a (sum, normalizer) return does not define; pass a torch loss module (its "
+                "normaliser is read off) or use hessian()/ggn() with the normaliser"
+            )
+        # l_n = the sample's loss summed over its elements (a copy of the module with
+        # reduction="sum": class weights and ignore_index applied), r = 1/M with M the
+        # loss's normaliser summed over the data set (N D without weights or ignored labels)
         self.elements_per_sample = _elements_per_sample(objective, {**fixed, **selected})
+        self._sample_loss = _summed(objective.loss_fn)
         if self.dataset.reduction == "mean":
-            D = self.elements_per_sample
-            self.reduction_factor = 1.0 / (self.dataset.num_samples * D)
-            self._sample_weight = self.reduction_factor * D * D
+            self.reduction_factor = 1.0 / self.dataset.total_normalizer
         else:
             self.reduction_factor = 1.0
-            self._sample_weight = 1.0
+        self._sample_weight = self.reduction_factor
 
     # ------------------------------------------------------------------ MC labels
     def _sample_targets(self, index: int, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
@@ -142,7 +153,12 @@ class FisherOperator(TorchCurvatureOperator):
             moved = probs.movedim(1, -1).reshape(-1, probs.shape[1])
             draws = torch.multinomial(moved, M, replacement=True, generator=gen)
             shape = (*probs.shape[:1], *probs.shape[2:])
-            return draws.T.reshape((M, *shape))
+            draws = draws.T.reshape((M, *shape))
+            # a position whose label the loss ignores stays ignored (it is not in the GGN)
+            ignore = getattr(self.objective.loss_fn, "ignore_index", None)
+            if ignore is not None and not targets.is_floating_point():
+                draws = torch.where(targets == ignore, torch.full_like(draws, ignore), draws)
+            return draws
         if kind == "bernoulli":
             probs = torch.sigmoid(outputs).expand((M, *outputs.shape))
             return torch.bernoulli(probs, generator=gen).to(outputs.dtype)
@@ -169,7 +185,7 @@ class FisherOperator(TorchCurvatureOperator):
 
         def loss_one(p, x, t):
             x1 = tree_map(lambda a: a.unsqueeze(0) if isinstance(a, torch.Tensor) else a, x)
-            return objective.loss_fn(objective.call({**fixed, **p}, x1), t.unsqueeze(0))
+            return self._sample_loss(objective.call({**fixed, **p}, x1), t.unsqueeze(0))
 
         try:
             grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
@@ -223,6 +239,16 @@ class FisherOperator(TorchCurvatureOperator):
         for weight, G in self._gradient_blocks():
             out += weight * (G * G).sum(dim=0)
         return out
+
+
+def _summed(loss_fn: Any) -> Any:
+    """A copy of a loss module with ``reduction="sum"`` (the loss of one sample is then its
+    whole ``l_n``); a plain callable as it is (the loss of one sample alone is ``l_n``)."""
+    if isinstance(loss_fn, torch.nn.Module) and isinstance(getattr(loss_fn, "reduction", None), str):
+        summed = copy.copy(loss_fn)
+        summed.reduction = "sum"
+        return summed
+    return loss_fn
 
 
 def _elements_per_sample(objective: Any, params: dict[str, torch.Tensor]) -> int:
@@ -290,6 +316,8 @@ def ggn(
     reduction: str | None = None,
     closure: Callable[[Any, Any], Any] | None = None,
     check_deterministic: bool = True,
+    normalizer: Callable[[Any], Any] | None = None,
+    check_symmetric: bool = True,
 ) -> GGNOperator:
     """The generalised Gauss-Newton matrix ``J^T H_L J`` of a model over a whole data set.
 
@@ -312,7 +340,8 @@ def ggn(
     """
     options = BuildOptions(
         params=params, chunk_size=chunk_size, dtype=dtype, device=device, reduction=reduction,
-        closure=closure, check_deterministic=check_deterministic,
+        closure=closure, check_deterministic=check_deterministic, normalizer=normalizer,
+        check_symmetric=check_symmetric,
     )
     return build_operator(GGNOperator, model, loss_fn, data, options)
 
@@ -332,6 +361,7 @@ def fisher(
     reduction: str | None = None,
     closure: Callable[[Any, Any], Any] | None = None,
     check_deterministic: bool = True,
+    check_symmetric: bool = True,
 ) -> FisherOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher matrix.
 
@@ -362,6 +392,7 @@ def fisher(
     options = BuildOptions(
         params=params, chunk_size=chunk_size, dtype=dtype, device=device, reduction=reduction,
         closure=closure, check_deterministic=check_deterministic,
+        check_symmetric=check_symmetric,
     )
     return build_operator(
         FisherOperator, model, loss_fn, data, options, kind=kind, num_samples=num_samples, seed=seed

@@ -3,8 +3,10 @@
 When a process group is initialised (``torch.distributed.init_process_group``, e.g. under
 ``torchrun``), every torch curvature operator treats ``data`` as *this rank's shard*:
 
-* the number of samples ``N`` is the sum over ranks, so batch weights (``n_b / N`` for
-  ``reduction="mean"``) are those of the whole data set, uneven shards included;
+* the number of samples ``N`` and the loss's normaliser ``M = sum_b m_b`` (samples, kept
+  labels, class-weight sums: :mod:`torch_backend._data`) are sums over the ranks, so batch
+  weights (``m_b / M`` for ``reduction="mean"``) are those of the whole data set, uneven
+  shards and unevenly padded labels included;
 * each product is computed on the local shard and summed over ranks with ``all_reduce``,
   so every rank holds the product of the whole-data-set operator.
 

@@ -16,7 +16,8 @@ from ._data import Dataset, Objective, resolve_reduction
 from ._distributed import all_reduce_sum, unwrap_ddp
 from ._engines import ENGINES, choose_engines
 from ._memory import resolve_auto_chunk
-from ._params import ParamSpec, check_model_mode, prepare_model, select_params
+from ._params import ParamSpec, prepare_model, select_params
+from ._validity import ParameterWatch, check_model_mode, check_symmetric
 
 __all__ = [
     "hessian",
@@ -45,8 +46,18 @@ SHARED_PARAMETERS = """\
         Analyse a copy of the model, and the data, on this device.
     reduction : {"mean", "sum"}, optional
         For a plain callable ``loss_fn`` or a ``closure`` (default ``"mean"``): whether it
-        averages or sums over the samples of a batch, which sets the batch weights
-        (``n_b / N`` or 1). Read from ``loss_fn.reduction`` for loss modules.
+        averages or sums over a batch. Read from ``loss_fn.reduction`` for loss modules.
+    normalizer : callable, optional
+        ``normalizer(batch) -> number``: what a batch's mean loss divides by, when that is
+        not its number of samples (tokens kept under a mask, a sum of weights). The
+        whole-data-set loss is ``sum_b sum_i l_bi / sum_b m_b``: batch ``b`` enters with
+        weight ``m_b / sum m``, never as a mean of batch means. Not needed for torch loss
+        modules, whose own normaliser is read off (``CrossEntropyLoss(ignore_index=-100)``
+        counts the kept labels, ``weight=`` sums the class weights of the targets), nor for
+        a loss or closure that returns ``(loss_sum, normalizer)``. For a Hugging Face
+        model's own ``.loss`` over labels padded with -100, pass
+        ``normalizer=torch_backend.label_count(shift=True)`` (causal LMs) or
+        ``label_count()``; a closure over such labels without one is refused.
     closure : callable, optional
         ``closure(model, batch) -> scalar``, instead of ``loss_fn``: any loss a researcher
         writes (a model that computes its own loss, ``model(**batch).loss``; input
@@ -66,6 +77,14 @@ SHARED_PARAMETERS = """\
         compare (a forward pass that draws random numbers: Dropout forced on, noise), and
         compare two products of the same vector (default True). Costs two data passes and
         two products.
+    check_symmetric : bool
+        At construction, compare ``u^T H v`` with ``v^T H u`` and refuse an operator that is
+        not symmetric beyond rounding (:func:`torch_backend._validity.check_symmetric`: a
+        framework's wrong second derivative). One more product (default True).
+
+    Operators belong to the parameters they were built at: a product, ``loss_at`` or
+    ``gradient`` after the model's parameters or buffers changed (an optimizer step,
+    ``p.data.mul_()``) raises :class:`dualhess.StaleOperatorError`; build a new operator.
 """
 
 
@@ -94,6 +113,8 @@ class BuildOptions:
     closure: Callable[[Any, Any], Any] | None = None
     batch_size: Callable[[Any], int] | None = None
     check_deterministic: bool = True
+    normalizer: Callable[[Any], Any] | None = None
+    check_symmetric: bool = True
 
 
 def _resolve_loss(loss_fn: Any, options: BuildOptions, where: str) -> str:
@@ -137,8 +158,9 @@ def build_objective(
     if data is None:
         raise TypeError(f"{where}: data is None; pass one batch or an iterable of batches")
     model = unwrap_ddp(model)
-    work, dtype_, device_, converted = prepare_model(model, options.dtype, options.device)
-    check_model_mode(work)
+    work, dtype_, device_, converted = prepare_model(model, _resolve_dtype(options.dtype),
+                                                     options.device)
+    check_model_mode(work, several_batches=False)
     layout, selected, fixed = select_params(work, options.params)
     dataset = Dataset(
         data,
@@ -151,10 +173,13 @@ def build_objective(
         single=single,
         check_deterministic=options.check_deterministic,
     )
-    objective = Objective(work, dataset, loss_fn=loss_fn, closure=options.closure)
+    check_model_mode(work, several_batches=dataset.num_batches > 1 or dataset.group is not None)
+    objective = Objective(
+        work, dataset, loss_fn=loss_fn, closure=options.closure, normalizer=options.normalizer
+    )
     _check_finite_parameters({**fixed, **selected}, where)
     try:
-        objective.loss_value = objective.total_loss({**fixed, **selected})
+        objective.loss_value = objective.scan({**fixed, **selected})
     except (IndexError, RuntimeError, ValueError) as err:
         _explain_loss_failure(err, objective, {**fixed, **selected}, where)
         raise
@@ -162,6 +187,20 @@ def build_objective(
     if options.check_deterministic:
         _check_same_loss(objective, {**fixed, **selected}, where)
     return objective, layout, selected, fixed
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype=`` as a ``torch.dtype``: a dtype, None, or its name ("float64", "torch.float32")."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise TypeError(
+        f"dtype must be a torch.dtype such as torch.float64 (or its name, 'float64'), got "
+        f"{dtype!r}"
+    )
 
 
 def _check_finite_parameters(params: dict, where: str) -> None:
@@ -189,7 +228,9 @@ def _check_loss_has_gradient(objective: Objective, selected: dict, fixed: dict, 
         return
     batch = first[1]
     with torch.enable_grad():
-        loss = objective.batch_loss({**fixed, **leaves}, batch)
+        loss = objective._raw_loss({**fixed, **leaves}, batch)
+    if objective.returns_pairs:
+        loss, _ = objective._split_pair(loss)  # refuses a normaliser with a gradient
     if isinstance(loss, torch.Tensor) and not loss.requires_grad:
         raise ValueError(
             f"{where}: the loss has no gradient in the selected parameters (it carries no "
@@ -204,10 +245,33 @@ def _explain_loss_failure(err: Exception, objective: Objective, params: dict, wh
     (mismatched batch sizes, class labels out of range); otherwise return (re-raised as is)."""
     if objective.is_closure or str(err).startswith(("the loss is", "loss_fn must")):
         return
+    text = str(err)
     for index, (_, (inputs, targets)) in enumerate(objective.dataset.batches()):
         if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
             continue
         leaves = [x for x in tree_flatten(inputs)[0] if isinstance(x, torch.Tensor) and x.ndim]
+        integers = [x for x in leaves if not x.is_floating_point() and not x.is_complex()]
+        if integers and isinstance(err, RuntimeError) and (
+            "dtype" in text or "scalar type" in text or "Long" in text or "Int" in text
+        ):
+            raise TypeError(
+                f"{where}: batch {index} has integer inputs ({integers[0].dtype}) that the "
+                f"model multiplies with its {objective.dataset.dtype} weights: convert features "
+                "to floating point (X.float(), or X.to(torch.float64) with dtype=torch.float64); "
+                "integer inputs are for embedding layers (token ids). The model said: "
+                f"{text.splitlines()[0][:200]}"
+            ) from err
+        if (
+            isinstance(objective.loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))
+            and not targets.is_floating_point()
+            and targets.ndim == 2
+            and targets.shape[1] == 1
+        ):
+            raise ValueError(
+                f"{where}: batch {index} has class-label targets of shape "
+                f"{tuple(targets.shape)}: {type(objective.loss_fn).__name__} wants one label per "
+                "sample, shape (N,). Use targets.squeeze(1) (or y.view(-1))."
+            ) from err
         sizes = sorted({int(x.shape[0]) for x in leaves})
         if sizes and sizes != [int(targets.shape[0])]:
             raise ValueError(
@@ -279,8 +343,11 @@ def build_operator(
         objective, layout, selected, fixed, chunk_size=None if auto else options.chunk_size, **own
     )
     resolve_auto_chunk(op, options.chunk_size)
+    probe = None
     if options.check_deterministic:
-        op._check_deterministic()
+        probe = op._check_deterministic()
+    if options.check_symmetric:
+        check_symmetric(op, probe)
     return op
 
 
@@ -334,6 +401,19 @@ class TorchCurvatureOperator(dualhess.Operator):
         )
         if self.dataset.group is not None:
             self._reduce_over_ranks(self.dataset.group)
+        buffers = dict(objective.model.named_buffers())
+        self._watch = ParameterWatch(
+            {**fixed, **selected, **{f"buffer {k}": b for k, b in buffers.items()}},
+            type(self).__name__,
+        )
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self._watch.check()
+        return super().matvec(v)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._watch.check()
+        return super().matmat(V)
 
     def _reduce_over_ranks(self, group: Any) -> None:
         """Under torch.distributed: every product (and exact diagonal) is summed over ranks.
@@ -394,6 +474,7 @@ class TorchCurvatureOperator(dualhess.Operator):
         >>> op.loss_at(torch.zeros(op.n)) == op.loss
         True
         """
+        self._watch.check()
         return float(self.objective.total_loss(self._shifted(delta)))
 
     def gradient(self) -> torch.Tensor:
@@ -402,6 +483,7 @@ class TorchCurvatureOperator(dualhess.Operator):
         Each batch's gradient is weighted as in the products (exact per-sample mean over
         unequal batches); under ``torch.distributed`` it is summed over the ranks.
         """
+        self._watch.check()
         names = list(self.selected)
         total = torch.zeros(self.n, dtype=self.dtype, device=self.dataset.device)
         for weight, batch in self.dataset.batches():
@@ -425,11 +507,18 @@ class TorchCurvatureOperator(dualhess.Operator):
         """Join ``{parameter name: tensor}`` into a flat vector (layout order)."""
         return self.layout.join(parts)
 
-    def _check_deterministic(self, seed: int = 0) -> None:
-        """Two products of the same vector must agree; raise with the likely causes otherwise."""
-        rng = np.random.default_rng(seed)
-        v = self.asarray(rng.standard_normal(self.n))
-        first, second = self._matvec(v), self._matvec(v)
+    def _check_deterministic(
+        self, seed: int = 0, made: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two products of the same vector must agree; raise with the likely causes otherwise.
+        ``made``: a product ``(v, H v)`` already made with this operator's engine (then one
+        more is enough). Returns ``(v, H v)`` for the symmetry check to reuse."""
+        if made is None:
+            v = self.asarray(np.random.default_rng(seed).standard_normal(self.n))
+            first = self._matvec(v)
+        else:
+            v, first = made
+        second = self._matvec(v)
         scale = float(torch.linalg.vector_norm(first))
         diff = float(torch.linalg.vector_norm(first - second))
         tol = float(torch.finfo(self.dtype).eps) ** 0.5 * max(scale, 1e-30)
@@ -442,6 +531,7 @@ class TorchCurvatureOperator(dualhess.Operator):
                 "model.eval()), or non-deterministic kernels (torch.use_deterministic_algorithms"
                 "(True)). Pass check_deterministic=False to skip this check."
             )
+        return v, first
 
     def exact_diagonal(self) -> torch.Tensor:
         """The exact diagonal with BackPACK (whole data set): ``DiagHessian`` for the Hessian,
@@ -452,6 +542,7 @@ class TorchCurvatureOperator(dualhess.Operator):
         dualhess.ExactUnavailableError
             When BackPACK cannot handle the model or the loss.
         """
+        self._watch.check()
         if self.curvature not in ("hessian", "ggn"):
             return super().exact_diagonal()
         from ._backpack import backpack_diagonal
@@ -497,17 +588,19 @@ class HessianOperator(TorchCurvatureOperator):
         self._probe = probe
         return best, engine
 
-    def _check_deterministic(self, seed: int = 0) -> None:
+    def _check_deterministic(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Reuse the two products ``"auto"`` made of one vector (two engines, same matrix);
         where they differ, or only one was made, compare two products of the chosen one."""
         probe, self._probe = getattr(self, "_probe", None), None
         if seed == 0 and probe is not None and probe[2] is not None:
-            _, first, second = probe
+            v, first, second = probe
             scale = float(torch.linalg.vector_norm(first))
             diff = float(torch.linalg.vector_norm(first - second))
             if diff <= float(torch.finfo(self.dtype).eps) ** 0.5 * max(scale, 1e-30):
-                return
-        super()._check_deterministic(seed)
+                return v, first
+        if seed == 0 and probe is not None and probe[2] is None:
+            return super()._check_deterministic(seed, made=(probe[0], probe[1]))
+        return super()._check_deterministic(seed)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._engine.matvec(v)
@@ -537,6 +630,8 @@ def hessian(
     closure: Callable[[Any, Any], Any] | None = None,
     batch_size: Callable[[Any], int] | None = None,
     check_deterministic: bool = True,
+    normalizer: Callable[[Any], Any] | None = None,
+    check_symmetric: bool = True,
 ) -> HessianOperator:
     """The Hessian of a model's loss over a whole data set, as a matrix-free operator.
 
@@ -553,8 +648,9 @@ def hessian(
     data : (inputs, targets) or iterable of batches
         One batch (inputs a tensor, a tuple or a dict of tensors) or e.g. a ``DataLoader``
         with ``shuffle=False``. The operator is the Hessian of the loss of the whole data set,
-        each batch weighted by its size (exact with an unequal last batch). With a
-        ``closure``, batches of any form.
+        each batch weighted by what its loss divides by (``normalizer``: samples, kept
+        tokens, class-weight sums; exact with an unequal last batch). With a ``closure``,
+        batches of any form.
     method : {"auto", "func", "autograd", "pyhessian"}
         HVP engine (see :mod:`torch_backend.engines`). ``"auto"`` times one product of each
         of ``autograd`` and ``func`` at construction and keeps ``func`` for ``matvec`` only
@@ -593,5 +689,6 @@ def hessian(
     options = BuildOptions(
         params=params, chunk_size=chunk_size, dtype=dtype, device=device, reduction=reduction,
         closure=closure, batch_size=batch_size, check_deterministic=check_deterministic,
+        normalizer=normalizer, check_symmetric=check_symmetric,
     )
     return build_operator(HessianOperator, model, loss_fn, data, options, method=method)

@@ -15,7 +15,7 @@ import torch
 
 from dualhess import ParamLayout
 
-__all__ = ["prepare_model", "select_params", "check_model_mode"]
+__all__ = ["prepare_model", "select_params"]
 
 ParamSpec = Sequence[str] | Callable[[str], bool] | None
 
@@ -47,38 +47,6 @@ def prepare_model(
     return work, target_dtype, target_device, True
 
 
-def check_model_mode(model: torch.nn.Module) -> None:
-    """Refuse modules whose train-mode behaviour makes the operator ill-defined.
-
-    * BatchNorm in train mode normalises with batch statistics (the curvature then depends on
-      the batching) and updates its running statistics on every forward pass.
-    * Dropout in train mode draws a new mask on every forward pass.
-    """
-    batchnorms = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-    ]
-    if batchnorms:
-        raise ValueError(
-            f"BatchNorm layers in train mode ({', '.join(batchnorms)}): their output depends on "
-            "the batch and every forward pass updates the running statistics, so the curvature "
-            "is not a fixed operator. Call model.eval() before the analysis (the Hessian is then "
-            "that of the network used at inference, with the running statistics)."
-        )
-    dropouts = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-    ]
-    if dropouts:
-        raise ValueError(
-            f"Dropout layers in train mode ({', '.join(dropouts)}) draw a new random mask in "
-            "every product, so the curvature is not a fixed operator. Call model.eval() before "
-            "the analysis."
-        )
-
-
 def select_params(
     model: torch.nn.Module, params: ParamSpec
 ) -> tuple[ParamLayout, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -102,7 +70,17 @@ def select_params(
             raise KeyError(f"unknown parameters {sorted(unknown)}; known: {[n for n, _ in named]}")
         chosen = [n for n, _ in named if n in wanted]
     if not chosen:
-        raise ValueError("the parameter selection is empty")
+        if params is None and named:
+            raise ValueError(
+                f"every parameter of the model is frozen (requires_grad=False on all "
+                f"{len(named)}), so there is nothing to take the curvature in: pass "
+                "params=[names] (frozen parameters may be selected by name) or unfreeze them "
+                "with p.requires_grad_(True)"
+            )
+        raise ValueError(
+            "the parameter selection is empty: params= matched no parameter; known: "
+            f"{[n for n, _ in named][:20]}"
+        )
     chosen_set = set(chosen)
     selected = {n: p.detach() for n, p in named if n in chosen_set}
     fixed = {n: p.detach() for n, p in named if n not in chosen_set}

@@ -74,6 +74,10 @@ class HessianMonitor(TrackerViews):
         ``closure(model, batch) -> scalar`` instead of ``loss_fn`` (e.g.
         ``lambda model, batch: model(**batch).loss`` for a Hugging Face model); see
         :func:`torch_backend.hessian`.
+    normalizer : callable, optional
+        ``normalizer(batch) -> number``, what a batch's mean loss divides by (e.g.
+        ``torch_backend.label_count(shift=True)`` for a causal LM's own ``.loss`` over labels
+        padded with -100); see :func:`torch_backend.hessian`.
     params : list of str or callable, optional
         Monitor the Hessian block of these parameters only.
     method : str
@@ -107,6 +111,7 @@ class HessianMonitor(TrackerViews):
         dtype: torch.dtype | None = None,
         log_fn: Callable[[dict[str, Any]], Any] | None = None,
         closure: Callable[[Any, Any], Any] | None = None,
+        normalizer: Callable[[Any], Any] | None = None,
         **measurement: Any,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -114,6 +119,7 @@ class HessianMonitor(TrackerViews):
         self.model = model
         self.loss_fn = loss_fn
         self.closure = closure
+        self.normalizer = normalizer
         self.data = data
         self.params = params
         self.method = method
@@ -137,6 +143,8 @@ class HessianMonitor(TrackerViews):
                 method=self.method,
                 dtype=self.dtype,
                 check_deterministic=not self._checked,
+                check_symmetric=not self._checked,
+                normalizer=self.normalizer,
                 **({} if self.closure is None else {"closure": self.closure}),
             )
         finally:

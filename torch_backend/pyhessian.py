@@ -89,8 +89,10 @@ class hessian:  # noqa: N801 - PyHessian's name, so that only the import changes
         One batch. Exactly one of ``data`` and ``dataloader`` must be given.
     dataloader : iterable of batches, optional
         E.g. a ``DataLoader`` with ``shuffle=False``: the Hessian of the loss over all its
-        samples (batches weighted by size, as PyHessian). A shuffled loader is refused,
-        since every product must see the same samples.
+        samples. Batches are weighted by the loss's normaliser (by size, as PyHessian, for
+        a plain mean; by kept labels for ``CrossEntropyLoss(ignore_index=...)`` and by the
+        class-weight sums for ``weight=``, where PyHessian's size weighting is wrong). A
+        shuffled loader is refused, since every product must see the same samples.
     cuda : bool
         Run on CUDA (a copy of the model and the data are moved there). Without CUDA a
         ``RuntimeWarning`` is issued and the CPU is used.

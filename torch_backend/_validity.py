@@ -1,0 +1,212 @@
+"""What makes a torch curvature operator valid, checked in one place.
+
+A curvature operator is a fixed, symmetric linear map of one set of parameters over one data
+set. Each function below guards one of those words; :func:`torch_backend._hessian.build_operator`
+runs them at construction (before any product a user pays for) and the operator runs
+:class:`ParameterWatch` before every product:
+
+* **fixed in the model** -- :func:`check_model_mode`: BatchNorm or Dropout in train mode, and
+  BatchNorm without running statistics (``track_running_stats=False``, which normalises with
+  the batch's statistics even in eval mode) over several batches, make the "Hessian" depend
+  on how the data are batched;
+* **one set of parameters** -- :class:`ParameterWatch`: parameters or buffers changed after
+  construction (an optimizer step, ``p.data.mul_(2)``) raise a :class:`StaleOperatorError`
+  instead of products that mix two sets of weights;
+* **symmetric** -- :func:`check_symmetric`: ``|u^T H v - v^T H u|`` against the products'
+  rounding; a framework's wrong second derivative (PyTorch's double backward of
+  ``_weight_norm`` on some builds) is refused with an :class:`AsymmetricOperatorError`.
+
+The determinism checks (two loss evaluations, two products of one vector) live with the loss
+(:mod:`torch_backend._hessian`), since they reuse its evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from dualhess import AsymmetricOperatorError, StaleOperatorError
+
+__all__ = ["check_model_mode", "ParameterWatch", "check_symmetric"]
+
+
+def check_model_mode(model: torch.nn.Module, *, several_batches: bool) -> None:
+    """Refuse modules whose behaviour makes the operator depend on the batching.
+
+    * BatchNorm in train mode normalises with batch statistics (the curvature then depends on
+      the batching) and updates its running statistics on every forward pass.
+    * BatchNorm with ``track_running_stats=False`` has no running statistics: it normalises
+      with the batch's statistics in eval mode too. Over one batch (all the data) that is
+      a well-defined function of the parameters; over several batches (or ranks) it is not
+      the loss of the data set.
+    * Dropout in train mode draws a new mask on every forward pass.
+    """
+    batchnorms = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if batchnorms:
+        raise ValueError(
+            f"BatchNorm layers in train mode ({', '.join(batchnorms)}): their output depends on "
+            "the batch and every forward pass updates the running statistics, so the curvature "
+            "is not a fixed operator. Call model.eval() before the analysis (the Hessian is then "
+            "that of the network used at inference, with the running statistics)."
+        )
+    if several_batches:
+        statless = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+        ]
+        if statless:
+            raise ValueError(
+                f"BatchNorm layers without running statistics ({', '.join(statless)}; "
+                "track_running_stats=False) normalise with each batch's own statistics even in "
+                "eval mode, so over several batches the 'Hessian' depends on how the data are "
+                "batched and is not that of the data set's loss. Pass all the data as one "
+                "batch, or use a network whose BatchNorm tracks running statistics "
+                "(track_running_stats=True) in eval mode."
+            )
+    dropouts = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+    if dropouts:
+        raise ValueError(
+            f"Dropout layers in train mode ({', '.join(dropouts)}) draw a new random mask in "
+            "every product, so the curvature is not a fixed operator. Call model.eval() before "
+            "the analysis."
+        )
+
+
+def _checksum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Three numbers per tensor that change when any entry changes: the row sums and the
+    column sums of the tensor seen as a (rows, 1024) table, each weighted by its position,
+    and the sum of absolute values (the scale of the comparison). One pass of reads."""
+    out = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        if n == 0 or flat.device.type == "meta":
+            continue
+        cols = min(n, 1024)
+        rows = n // cols
+        table = flat[: rows * cols].view(rows, cols)
+        tail = flat[rows * cols :].sum(dtype=torch.float64)
+        ramp_c = torch.arange(1, cols + 1, dtype=torch.float64, device=flat.device)
+        ramp_r = torch.arange(1, rows + 1, dtype=torch.float64, device=flat.device)
+        out.append(torch.stack([
+            table.sum(0, dtype=torch.float64) @ ramp_c + tail,
+            table.sum(1, dtype=torch.float64) @ ramp_r,
+            flat.abs().sum(dtype=torch.float64),
+        ]))
+    if not out:
+        return torch.zeros(0, 3, dtype=torch.float64)
+    return torch.stack(out).cpu()
+
+
+class ParameterWatch:
+    """Notices when the tensors an operator was built from change.
+
+    Every product, ``loss_at`` and ``gradient`` calls :meth:`check` first. It compares the
+    tensors' version counters (bumped by in-place updates of the parameters themselves: an
+    optimizer step, ``p.mul_()`` under ``no_grad``) and a checksum of their values (edits
+    through ``p.data``, which bypass the counters), and raises
+    :class:`~dualhess.StaleOperatorError` naming the first tensor that changed. The checksum
+    reads every parameter once: far less than a product, which runs forward and backward
+    passes over the data.
+
+    Parameters
+    ----------
+    named_tensors : dict of str to torch.Tensor
+        The parameters and buffers the operator's products read.
+    where : str
+        The operator's name, for the message.
+    """
+
+    def __init__(self, named_tensors: dict[str, torch.Tensor], where: str) -> None:
+        self.where = where
+        self.names = [n for n, t in named_tensors.items() if isinstance(t, torch.Tensor)]
+        self.tensors = [named_tensors[n] for n in self.names]
+        self.versions = [t._version for t in self.tensors]
+        self.sums = _checksum(self.tensors)
+
+    def changed(self) -> str | None:
+        """The name of a tensor that changed since construction, or None."""
+        for name, t, version in zip(self.names, self.tensors, self.versions):
+            if t._version != version:
+                return name
+        sums = _checksum(self.tensors)
+        if sums.shape != self.sums.shape:  # pragma: no cover - a tensor resized in place
+            return self.names[0]
+        scale = self.sums[:, 2:3] + sums[:, 2:3]
+        bad = ((sums - self.sums).abs() > 1e-12 * scale + 1e-300).any(dim=1)
+        if bool(bad.any()):
+            numeric = [n for n, t in zip(self.names, self.tensors) if t.numel()]
+            return numeric[int(bad.nonzero()[0, 0])]
+        return None
+
+    def check(self) -> None:
+        """Raise :class:`~dualhess.StaleOperatorError` when a tensor changed."""
+        name = self.changed()
+        if name is not None:
+            raise StaleOperatorError(
+                f"{self.where}: the model's parameters changed after the operator was built "
+                f"({name!r} was modified in place: an optimizer step, p.data.mul_(), "
+                "load_state_dict, ...), so its products would mix the old and the new weights. "
+                "Build a new operator after changing the weights (it is cheap: no product is "
+                "spent before you ask), or build it from a copy, copy.deepcopy(model), to keep "
+                "analysing the old ones."
+            )
+
+
+def check_symmetric(op: Any, probe: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Refuse an operator whose products are not symmetric beyond rounding.
+
+    With ``v`` and ``u`` standard normal, ``u^T (H v)`` and ``v^T (H u)`` are equal for a
+    symmetric ``H``; the products' rounding moves each by about ``eps * sqrt(n)`` times
+    ``|u| |H v|``. The check refuses ``|u^T H v - v^T H u| > 100 eps sqrt(n)
+    (|u| |Hv| + |v| |Hu|)``. So it catches a relative asymmetry ``|H - H^T|_F / |H|_F``
+    above about ``200 eps n`` (4e-10 at n = 1e4 in float64) at the cost of one product
+    (two without ``probe``).
+
+    Parameters
+    ----------
+    op : TorchCurvatureOperator
+        The operator, before any user product.
+    probe : (v, H v), optional
+        A product already made at construction (the determinism check's), reused.
+    """
+    n = op.n
+    if n < 2:
+        return
+    if probe is None:
+        v = op.asarray(np.random.default_rng(0).standard_normal(n))
+        hv = op._matvec(v)
+    else:
+        v, hv = probe
+    u = op.asarray(np.random.default_rng(1).standard_normal(n))
+    hu = op._matvec(u)
+    a = float(torch.dot(u.double(), hv.double()))
+    b = float(torch.dot(v.double(), hu.double()))
+    norm = torch.linalg.vector_norm
+    scale = float(norm(u.double()) * norm(hv.double()) + norm(v.double()) * norm(hu.double()))
+    eps = float(torch.finfo(op.dtype).eps)
+    if not abs(a - b) <= 100 * eps * math.sqrt(n) * scale:
+        raise AsymmetricOperatorError(
+            f"{type(op).__name__}: the products are not symmetric: u^T H v = {a:.6g} but "
+            f"v^T H u = {b:.6g} (difference {abs(a - b) / max(scale, 1e-300):.2e} relative, "
+            f"rounding allows {100 * eps * math.sqrt(n):.1e}), so this is not a Hessian and no "
+            "eigensolver result would mean anything. Likely cause: a second derivative the "
+            "framework gets wrong, e.g. PyTorch's double backward of weight normalisation "
+            "(torch.nn.utils.parametrizations.weight_norm / aten._weight_norm) on some "
+            "builds, or a custom autograd.Function whose backward is not the derivative of its "
+            "forward. Check with torch.autograd.gradgradcheck; fold the weight norm into "
+            "plain weights (torch.nn.utils.parametrize.remove_parametrizations) before the "
+            "analysis. check_symmetric=False skips this check."
+        )
