@@ -157,6 +157,7 @@ def test_device_this_machine_lacks(tmp_path):
 
 @errors_table
 def test_user_file_that_is_a_directory(tmp_path):
-    proc = dualhess("analyze", str(tmp_path), "--out", str(tmp_path / "o"), block_frameworks=True)
+    proc = dualhess("analyze", str(tmp_path), "--no-plots", "--out", str(tmp_path / "o"),
+                    block_frameworks=True)
     assert proc.returncode == 2
     assert "is a directory; pass a Python file (.py)" in proc.stderr
