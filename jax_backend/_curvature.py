@@ -76,7 +76,10 @@ class GGNOperator(PytreeOperator):
                 f"over normalizer(batch)), got shape {shape}"
             )
         if not self._summed:
-            reduce_loss(value, size, "ggn: loss(outputs, targets)")
+            jax.eval_shape(
+                lambda p: reduce_loss(raw_loss(p), size, "ggn: loss(outputs, targets)"),
+                self.params_flat,
+            )
         super()._check_batch_function()
 
     def _batch_loss(self, flat_params: jax.Array, batch: Any) -> jax.Array:

@@ -15,6 +15,7 @@ from _jax_helpers import batches_of, cross_entropy, mean_cross_entropy, relative
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+import dualhess
 from jax_backend import from_linen, from_nnx, ggn
 from jax_backend.examples import linen_model, nnx_model
 
@@ -154,6 +155,10 @@ def test_nnx_batchnorm_eval_on_a_copy_leaves_the_model_alone(digits_flat):
     model = nnx_model("mlp", param_dtype=F64, batch_norm=True)
     model.train()
     model(jnp.asarray(x))  # updates the running statistics (momentum 0.99)
+    # issue 23: a train-mode model is refused (it was silently switched to eval), as in torch
+    with pytest.raises(dualhess.OperatorError, match=r"train mode \(norm\).*Call model.eval\(\)"):
+        from_nnx(model, cross_entropy, batches_of(x, y))
+    model.eval()
     stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))["norm"]
     before = jax.tree_util.tree_map(np.array, nnx.to_pure_dict(nnx.state(model)))
     params = pure_params(model)
@@ -162,7 +167,7 @@ def test_nnx_batchnorm_eval_on_a_copy_leaves_the_model_alone(digits_flat):
     op = from_nnx(model, cross_entropy, batches_of(x, y))
     names = [f"linear{i}.{leaf}" for i in (1, 2) for leaf in ("bias", "kernel")]
     check_operator(op, flat, dense, [*names, "norm.bias", "norm.scale"])
-    assert model.norm.use_running_average is False  # still in training mode
+    assert model.norm.use_running_average is True  # the mode the user set, untouched
     after = jax.tree_util.tree_map(np.array, nnx.to_pure_dict(nnx.state(model)))
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
