@@ -113,7 +113,9 @@ def check_normalizers(values: Any, where: str) -> tuple[float, ...]:
     if not out or sum(out) <= 0:
         raise ValueError(
             f"{where}: the normalizers sum to {sum(out)} over the data (every label masked?); "
-            "the whole-data-set loss sum_b loss_sum_b / sum_b normalizer_b is undefined"
+            "the whole-data-set loss sum_b loss_sum_b / sum_b normalizer_b is undefined (a "
+            "loss returning a pair is read as (loss_sum, normalizer): auxiliary outputs are "
+            "not supported)"
         )
     return tuple(out)
 

@@ -149,7 +149,8 @@ def check_normalizer_is_fixed(
             f"{where}: the normalizer returned by the loss (the second element of "
             "(loss_sum, normalizer)) depends on the parameters; it must be what the loss "
             "divides by, a function of the batch only (a count of kept labels, a sum of class "
-            "weights). Compute it from the batch, or pass normalizer=fn(batch)."
+            "weights). Compute it from the batch, or pass normalizer=fn(batch); auxiliary "
+            "outputs (an accuracy, logits) are not supported."
         )
 
 
