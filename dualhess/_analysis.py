@@ -635,6 +635,13 @@ def analyze(
     operators: dict[str, Operator] = {}
     alignment = None
     twin_error: str | None = None
+    if settings.framework is None and not twins and missing and owner.name == "torch":
+        # The default is both frameworks: a PyTorch model analysed alone because JAX is not
+        # installed says so (table, stderr, report.md, report.json), never a silent null.
+        name = missing[0][0]
+        twin_error = f"{name.upper()} not installed (pip install 'dualhess[{name}]')"
+        log(f"[{name}] skipped: {twin_error}; the {owner.name} analysis goes on without the "
+            "crosscheck")
     if own_side:
         log(f"[{owner.name}] building the Hessian operator")
         t0 = time.perf_counter()

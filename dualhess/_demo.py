@@ -47,7 +47,22 @@ def demo_problem(
     BackendUnavailableError
         The torch backend (the demo is a PyTorch model) is not installed; the message has the
         pip command.
+    ModuleNotFoundError
+        scikit-learn (the demo's data) is not installed; the message has the pip command.
     """
     from .backends import get_backend
 
-    return get_backend("torch").demo_problem(seed=seed, dtype=dtype, log=log, **options)
+    backend = get_backend("torch")
+    try:
+        return backend.demo_problem(seed=seed, dtype=dtype, log=log, **options)
+    except ModuleNotFoundError as exc:
+        if exc.name != "sklearn":
+            raise
+        # The [torch] extra alone has no scikit-learn: one line with the fix, and the way to
+        # analyse a model without it.
+        raise ModuleNotFoundError(
+            "the demo trains on scikit-learn's bundled digits, and scikit-learn is not "
+            "installed: pip install scikit-learn (or pip install 'dualhess[all]'), or analyse "
+            "your own model: dualhess analyze FILE.py",
+            name="sklearn",
+        ) from None

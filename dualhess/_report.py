@@ -125,6 +125,8 @@ SCHEMA: dict[str, str] = {
     "and densities (each block's SLQ density: grid, values) with distances (the "
     "Jensen-Shannon distance between every two blocks' densities on a common grid)",
     "files": "the files written next to report.json",
+    "figures_skipped": "null, or why the figures could not be drawn (matplotlib not "
+    "installed: the pip command)",
 }
 
 
@@ -257,6 +259,8 @@ def format_table(report: dict[str, Any]) -> str:
                if r["trace"]["exact"]["value"] is None}
     for f, reason in reasons.items():
         lines.append(f"exact trace ({f}) unavailable: {str(reason).splitlines()[0][:160]}")
+    if report.get("figures_skipped"):
+        lines.append(f"figures skipped: {report['figures_skipped']}")
     return "\n".join(lines)
 
 
@@ -294,6 +298,8 @@ def markdown_report(report: dict[str, Any], *, plots: bool = True) -> str:
     for f, r in report["results"].items():
         if r["trace"]["exact"]["value"] is None:
             out += [f"Exact trace ({f}) unavailable: {r['trace']['exact']['reason']}", ""]
+    if report.get("figures_skipped"):
+        out += [f"Figures skipped: {report['figures_skipped']}", ""]
     if plots:
         out += ["## Figures", "", "![Eigenvalue density (log scale)](density.png)", "",
                 "![Top eigenvalues](eigenvalues.png)", ""]
@@ -327,6 +333,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plots: bool = T
     if plots and lands:
         names.append("landscape.png")
     report["files"] = names
+    report.setdefault("figures_skipped", None)
     missing = missing_keys(report)
     if missing:
         raise ValueError(f"the report lacks documented keys: {', '.join(missing)}")

@@ -57,6 +57,7 @@ user files:
     data()   the data: one batch (inputs, targets) or a list/iterable of batches
              (a DataLoader with shuffle=False); for Flax numpy/jax arrays
   The Hessian is that of the mean loss over all samples of data().
+  torch runs on --threads N threads (default $OMP_NUM_THREADS, else 1).
   A PyTorch model is analysed in PyTorch and in JAX (its Flax twin with the same
   weights) and the two are crosschecked; a Flax model is analysed in JAX.
 """
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="offsets [-R, R] along the unit top eigenvector (default 1)")
     an.add_argument("--landscape-points", type=_positive_int, default=21, metavar="N",
                     help="points of the slice (default 21; odd puts one at the centre)")
+    an.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                    help="CPU threads of torch's products (default: $OMP_NUM_THREADS if set, "
+                    "else 1: small products are fastest on one thread, and threads spinning on "
+                    "a busy machine cost far more than they give); for the demo and any FILE")
     an.add_argument("--no-plots", action="store_true",
                     help="do not draw density.png and eigenvalues.png (no matplotlib needed)")
     an.add_argument("--quiet", action="store_true",
@@ -308,6 +313,32 @@ def _log_to_stderr(quiet: bool) -> Any:
     return log
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _pin_threads(threads: int | None) -> int:
+    """Pin torch's CPU threads, for the demo and any model file alike.
+
+    ``--threads N`` wins; else ``$OMP_NUM_THREADS`` when set; else 1. The variable is set
+    before torch is imported (torch reads it then); a torch imported earlier (by the model
+    file) is set directly. Returns the thread count.
+    """
+    if threads is None:
+        try:
+            threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+        except ValueError:
+            threads = 1
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "set_num_threads"):
+        torch.set_num_threads(threads)
+    return threads
+
+
 def _show_progress(quiet: bool) -> bool:
     """Bars only on a terminal: in a log file or a pipe their carriage returns would glue
     every redraw, and the next log line, into one line."""
@@ -342,11 +373,20 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         os.environ.setdefault("JAX_ENABLE_X64", "1")
     log = _log_to_stderr(args.quiet)
     t_start = time.perf_counter()
+    threads = _pin_threads(args.threads)
+    figures_skipped = None
+    if not args.no_plots and not _importable("matplotlib"):
+        figures_skipped = ("matplotlib is not installed (pip install matplotlib, or "
+                           "pip install 'dualhess[plots]')")
+        args.no_plots = True
+    if settings.progress:
+        # On a terminal, a first line at once: importing the frameworks and training the
+        # demo take seconds before the first stage begins.
+        log(f"dualhess analyze: {'the demo CNN' if args.file is None else args.file}, "
+            f"{args.dtype}, {threads} thread{'s' if threads > 1 else ''}"
+            + (f"; figures skipped: {figures_skipped}" if figures_skipped else ""))
     demo_info = None
     if args.file is None:
-        # The demo's products are tiny: one thread is fastest, and threads spinning on a
-        # busy machine cost far more than they give (only effective before torch is imported).
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
         from ._demo import demo_problem
 
         model, loss_fn, data, demo_info = demo_problem(seed=args.seed, dtype=args.dtype, log=log)
@@ -354,6 +394,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     else:
         model, loss_fn, data = load_user_file(args.file)
         source = str(args.file)
+    _pin_threads(threads)  # the file may have imported torch before the variable was read
     setup = time.perf_counter() - t_start
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -377,6 +418,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     report["per_layer"] = None
     if args.per_layer:
         report["per_layer"] = _per_layer(model, loss_fn, data, args, log)
+    report["figures_skipped"] = figures_skipped
     paths = write_report(report, args.out, plots=not args.no_plots)
     print(format_table(report))
     print(f"\nwrote {', '.join(str(p) for p in paths)}  ({report['timings']['total']:.1f} s)")

@@ -121,7 +121,8 @@ def test_documented_keys_are_checked():
     broken = _full_report()
     del broken["results"]["b"]["summary"]["negative_mass"]
     del broken["seed"]
-    assert set(missing_keys(broken)) == {"seed", "results.b.summary.negative_mass", "files"}
+    assert set(missing_keys(broken)) == {"seed", "results.b.summary.negative_mass", "files",
+                                       "figures_skipped"}
     with pytest.raises(ValueError, match="seed"):
         write_report(broken, "/nonexistent-never-written", plots=False)
     assert all(isinstance(v, str) and v for v in SCHEMA.values())
