@@ -96,9 +96,9 @@ def asymmetric_loss(p, batch):
 def test_custom_jvp_with_an_inconsistent_rule_is_refused_as_asymmetric():
     x = np.abs(np.random.default_rng(1).standard_normal((8, 2))) + 0.5
     params = jnp.asarray([0.3, -0.7, 1.1])
-    with pytest.raises(dualhess.AsymmetricOperatorError, match="custom_jvp") as info:
+    with pytest.raises(dualhess.AsymmetricOperatorError, match="operator is not symmetric") as info:
         hessian(asymmetric_loss, params, x)
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ValueError) and "custom_jvp" in str(info.value)
     op = hessian(asymmetric_loss, params, x, check_symmetric=False)  # skippable
     dense = np.asarray(op.to_dense())
     assert abs(dense[0, 1] - dense[1, 0]) > 0.1  # really asymmetric
