@@ -5,6 +5,17 @@ parameter orders differ) go through both operators; the report gives the largest
 difference of the products, the agreement of the quadratic forms ``v^T H v`` (and the
 Hutchinson trace they make), the top-``k`` eigenvalues of each side, and a per-block
 breakdown naming the parameter tensors whose rows disagree.
+
+One tolerance judges everything: a block fails when its rows' difference exceeds ``rtol``
+times the norm of the whole product (so the products pass exactly when no block's share of
+the difference is above tolerance), and the eigenvalue solves run only when the products
+agree (a pair that cannot agree never spends the eigensolver's budget).
+
+When the two sides disagree, a **referee** decides which one is wrong: along the probe where
+the products differ most, ``v``, and the direction of their difference, ``d``, each side's
+own loss gives ``d^T H v`` by central second differences (Richardson-extrapolated, from
+``Operator.loss_at``); the side whose products disagree with finite differences of its own
+loss is named in :attr:`CrosscheckReport.verdict`.
 """
 
 from __future__ import annotations
@@ -16,11 +27,13 @@ import numpy as np
 
 from ._alignment import Alignment
 from ._array import default_rng, is_float64, to_numpy
+from ._errors import LossUnavailableError
 from ._operator import Operator
 from ._results import Result
 from ._util import check_operator, check_positive_int
 
-__all__ = ["crosscheck", "CrosscheckReport", "BlockDifference", "default_rtol"]
+__all__ = ["crosscheck", "CrosscheckReport", "BlockDifference", "Verdict", "default_rtol",
+           "referee"]
 
 
 def default_rtol(op_a: Operator, op_b: Operator) -> float:
@@ -59,6 +72,11 @@ class CrosscheckReport(Result):
         ``eig_bound`` the largest admissible difference (residuals + rtol * |lambda_max|).
     blocks : list of BlockDifference
         Per parameter block; ``failing_blocks`` names those above ``rtol``.
+    notes : list of str
+        Why the tolerance is what it is (a model computing partly in float32), what was
+        skipped and why.
+    verdict : Verdict or None
+        When the products disagree: the referee's finding of which side is wrong.
     """
 
     passed: bool
@@ -82,6 +100,8 @@ class CrosscheckReport(Result):
     labels: tuple[str, str]
     num_matvecs: tuple[int, int]
     checks: dict[str, bool]
+    notes: tuple[str, ...] = ()
+    verdict: Verdict | None = None
 
     def __bool__(self) -> bool:
         return self.passed
@@ -113,7 +133,138 @@ class CrosscheckReport(Result):
                 lines.append(f"    {bl.name:<{width}}  n={bl.size:<7d} rel diff {bl.rel_diff:.3e}  {mark}")
         if self.failing_blocks:
             lines.append("  disagreeing blocks: " + ", ".join(self.failing_blocks))
+        if self.verdict is not None:
+            lines.append("  referee: " + self.verdict.message)
+        lines += ["  note: " + note for note in self.notes]
         return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict(Result):
+    """Which side of a disagreeing cross-check is wrong, by finite differences.
+
+    Attributes
+    ----------
+    wrong : str or None
+        The label of the side whose products disagree with finite differences of its own
+        loss; ``"both"``, or None when the finite differences cannot tell (the difference is
+        below their accuracy, or the two losses themselves differ).
+    rel_err_a, rel_err_b : float
+        ``|d^T H v - FD|`` of each side, relative to ``||H v||``.
+    fd_accuracy : float
+        The finite differences' own error estimate (Richardson), on the same scale.
+    loss_rel_diff : float
+        How much the two sides' losses at ``theta`` differ (relative).
+    message : str
+    """
+
+    wrong: str | None
+    rel_err_a: float
+    rel_err_b: float
+    fd_accuracy: float
+    loss_rel_diff: float
+    message: str
+
+
+def _second_difference(op: Operator, to_side: Any, w: np.ndarray, h: float, f0: float) -> float:
+    plus = op.loss_at(op.asarray(to_side(h * w)))
+    minus = op.loss_at(op.asarray(to_side(-h * w)))
+    return (plus - 2.0 * f0 + minus) / (h * h)
+
+
+def _fd_bilinear(op: Operator, to_side: Any, d: np.ndarray, v: np.ndarray,
+                 h: float) -> tuple[float, float, float]:
+    """``d^T H v`` from the loss alone: polarisation of two quadratic forms, each a central
+    second difference at steps ``h`` and ``h / 2``, Richardson-extrapolated. Returns the
+    value, its error estimate and the loss at theta."""
+    f0 = float(op.loss_at(op.asarray(to_side(np.zeros_like(v)))))
+    out = []
+    for step in (h, h / 2):
+        q_plus = _second_difference(op, to_side, d + v, step, f0)
+        q_minus = _second_difference(op, to_side, d - v, step, f0)
+        out.append((q_plus - q_minus) / 4.0)
+    coarse, fine = out
+    value = (4.0 * fine - coarse) / 3.0
+    return value, abs(value - fine), f0
+
+
+def referee(
+    op_a: Operator,
+    op_b: Operator,
+    v: np.ndarray,
+    hv_a: np.ndarray,
+    hv_b: np.ndarray,
+    *,
+    align: Alignment | None = None,
+    labels: tuple[str, str] = ("a", "b"),
+    step: float = 1e-3,
+) -> Verdict:
+    """Decide which of two disagreeing operators is wrong, from finite differences.
+
+    ``v`` is a probe (order a) and ``hv_a``, ``hv_b`` the two sides' products with it (order
+    a). With ``d`` the unit direction of ``hv_a - hv_b``, each side's ``d^T H v`` from its
+    products is compared with central second differences of *its own* loss
+    (``op.loss_at``) along ``d +- v``; the operators must have a loss behind them.
+
+    Examples
+    --------
+    A side whose products are off by 10 % is named (quadratic loss, exact products on the
+    other side):
+
+    >>> import numpy as np
+    >>> from dualhess import DenseOperator
+    >>> from dualhess._crosscheck import referee
+    >>> A = np.diag([3.0, 2.0, 1.0])
+    >>> class Quadratic(DenseOperator):
+    ...     def loss_at(self, delta):
+    ...         x = np.ones(3) + delta
+    ...         return 0.5 * x @ A @ x
+    >>> good, bad = Quadratic(A), Quadratic(1.1 * A)
+    >>> v = np.array([1.0, -1.0, 1.0])
+    >>> referee(good, bad, v, A @ v, 1.1 * A @ v, labels=("good", "bad")).wrong
+    'bad'
+    """
+    align = align or Alignment.identity(op_a.n)
+    a, b = labels
+    vn = float(np.linalg.norm(v))
+    vhat = v / vn
+    diff = hv_a - hv_b
+    d = diff / max(float(np.linalg.norm(diff)), np.finfo(float).tiny)
+    scale = max(float(np.linalg.norm(hv_a)), float(np.linalg.norm(hv_b))) / vn
+    gap = float(np.linalg.norm(diff)) / vn / max(scale, np.finfo(float).tiny)
+    prod_a, prod_b = float(d @ hv_a) / vn, float(d @ hv_b) / vn
+    fd_a, acc_a, f0_a = _fd_bilinear(op_a, lambda x: x, d, vhat, step)
+    fd_b, acc_b, f0_b = _fd_bilinear(op_b, align.a_to_b, d, vhat, step)
+    tiny = np.finfo(float).tiny
+    err_a = abs(prod_a - fd_a) / max(scale, tiny)
+    err_b = abs(prod_b - fd_b) / max(scale, tiny)
+    accuracy = max(acc_a, acc_b) / max(scale, tiny)
+    loss_diff = abs(f0_a - f0_b) / max(abs(f0_a), abs(f0_b), tiny)
+    resolvable = 10.0 * accuracy < gap
+    bad_a, bad_b = err_a > gap / 2, err_b > gap / 2
+    good_a, good_b = err_a <= gap / 10, err_b <= gap / 10
+    if not resolvable:
+        wrong, message = None, (
+            f"inconclusive: the products differ by {gap:.2g}, below what finite differences of "
+            f"the losses resolve (~{accuracy:.1g})")
+    elif bad_a and good_b:
+        wrong, message = a, (
+            f"{a}'s second derivatives disagree with finite differences of its own loss "
+            f"(rel err {err_a:.2g}); {b} agrees to {err_b:.2g}: {a} is the wrong side")
+    elif bad_b and good_a:
+        wrong, message = b, (
+            f"{b}'s second derivatives disagree with finite differences of its own loss "
+            f"(rel err {err_b:.2g}); {a} agrees to {err_a:.2g}: {b} is the wrong side")
+    elif good_a and good_b:
+        wrong, message = None, (
+            f"each side's products agree with finite differences of its own loss ({a} "
+            f"{err_a:.2g}, {b} {err_b:.2g}): the two sides compute different functions "
+            f"(their losses differ by {loss_diff:.2g} relative)")
+    else:
+        wrong, message = "both", (
+            f"both sides disagree with finite differences of their own losses ({a} "
+            f"{err_a:.2g}, {b} {err_b:.2g})")
+    return Verdict(wrong, err_a, err_b, accuracy, loss_diff, message)
 
 
 def _products(op: Operator, probes: np.ndarray) -> np.ndarray:
@@ -132,6 +283,8 @@ def crosscheck(
     labels: tuple[str, str] | None = None,
     eig_tol: float | None = None,
     progress: bool = False,
+    notes: Any = (),
+    referee_check: bool = True,
 ) -> CrosscheckReport:
     """Compare two operators that should represent the same matrix.
 
@@ -154,6 +307,12 @@ def crosscheck(
         Names for the two sides in the report (default: their frameworks).
     eig_tol : float, optional
         Residual tolerance for the eigenvalue solves (default ``rtol``, at least 1e-12).
+        The solves run only when the products agree to ``rtol``.
+    notes : sequence of str
+        Lines added to the report (why ``rtol`` is what it is).
+    referee_check : bool
+        When the products disagree, decide which side is wrong by finite differences of
+        each side's loss (:func:`referee`; needs operators with ``loss_at``).
 
     Returns
     -------
@@ -202,17 +361,31 @@ def crosscheck(
     for name, idx in align.blocks:
         diff = np.linalg.norm(HA[idx] - HB[idx], axis=0)
         ref = np.maximum(np.linalg.norm(HA[idx], axis=0), np.linalg.norm(HB[idx], axis=0))
-        # relative to the block's own rows, but never below round-off of the whole product
-        denom = np.maximum(ref, 1e-3 * scale)
-        rel = float(np.max(diff / denom))
-        blocks.append(BlockDifference(name, int(idx.shape[0]), rel, rel <= rtol))
+        # reported relative to the block's own rows (never below round-off of the whole
+        # product); judged, like the products, relative to the whole product
+        rel = float(np.max(diff / np.maximum(ref, 1e-3 * scale)))
+        share = float(np.max(diff / scale))
+        blocks.append(BlockDifference(name, int(idx.shape[0]), rel, share <= rtol))
+    products_ok = max_rel <= rtol
+    if not products_ok and all(b.passed for b in blocks):
+        # the difference is spread over blocks: name the largest contributors
+        shares = [float(np.max(np.linalg.norm(HA[idx] - HB[idx], axis=0) / scale))
+                  for _, idx in align.blocks]
+        top = max(shares)
+        blocks = [dataclasses.replace(b, passed=share < top / 2)
+                  for b, share in zip(blocks, shares)]
+    notes = list(notes)
 
     eig_a: list[float] = []
     eig_b: list[float] = []
     res_a: list[float] = []
     res_b: list[float] = []
     eig_max_diff, eig_bound, eig_ok = 0.0, 0.0, True
-    if k > 0:
+    if k > 0 and not products_ok:
+        eig_ok = False
+        notes.append(f"eigenvalues not computed: the products already differ by {max_rel:.2g} "
+                     f"(> rtol {rtol:.1g}), so the two spectra cannot agree to rtol")
+    elif k > 0:
         from ._eigsh import eigsh
 
         tol = max(rtol if eig_tol is None else eig_tol, 1e-12)
@@ -227,8 +400,16 @@ def crosscheck(
         eig_max_diff = float(np.max(np.abs(va - vb)))
         eig_ok = eig_max_diff <= eig_bound
 
+    verdict = None
+    if not products_ok and referee_check:
+        worst = int(np.argmax(np.linalg.norm(HA - HB, axis=0) / scale))
+        try:
+            verdict = referee(op_a, op_b, V[:, worst], HA[:, worst], HB[:, worst],
+                              align=align, labels=labels)
+        except LossUnavailableError:
+            notes.append("no referee: the operators have no loss behind them (loss_at)")
     checks = {
-        "products": max_rel <= rtol,
+        "products": products_ok,
         "quadratic_forms": quad_rel <= rtol,
         "eigenvalues": eig_ok,
         "blocks": all(b.passed for b in blocks),
@@ -255,4 +436,6 @@ def crosscheck(
         labels=tuple(labels),
         num_matvecs=(op_a.num_matvecs - start[0], op_b.num_matvecs - start[1]),
         checks=checks,
+        notes=tuple(notes),
+        verdict=verdict,
     )

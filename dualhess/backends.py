@@ -216,6 +216,7 @@ def crosscheck_model(
     rtol: float | None = None,
     params: Any = None,
     progress: bool = False,
+    promote_float32_islands: bool = True,
     **hessian_options: Any,
 ) -> Any:
     """Compute a PyTorch model's Hessian in PyTorch *and* in JAX, and compare.
@@ -236,6 +237,13 @@ def crosscheck_model(
         ``(inputs, targets)`` in torch layout; the same samples feed both sides.
     dtype : "float64" or "float32"
     num_probes, k, seed, rtol : see :func:`dualhess.crosscheck`.
+    promote_float32_islands : bool
+        A float64 model that computes parts in float32 (Llama-family RMSNorm and rotary
+        tables, T5's LayerNorm variance) is compared on its export with those casts
+        rewritten to float64, evaluated by *both* sides (torch differentiates the same
+        rewritten program), so they agree to float64 round-off; the report lists the
+        islands. Off, both sides keep the float32 islands and the default ``rtol`` is the
+        float32 one (the report says why).
 
     Returns
     -------
@@ -258,8 +266,18 @@ def crosscheck_model(
         )
     twin = twins[0]
     # the twin first: an unsupported operation is reported by the converter, naming it
-    twin_op, align = twin.twin_hessian(model, loss_fn, data, dtype=dtype, params=params)
-    own_op = owner.hessian(model, loss_fn, data, dtype=dtype, params=params, **hessian_options)
+    twin_op, align = twin.twin_hessian(model, loss_fn, data, dtype=dtype, params=params,
+                                       promote_float32_islands=promote_float32_islands)
+    # the twin says which function both sides compute (a rewritten program when the export
+    # promoted float32 islands) and why the tolerance is what it is
+    reference, notes, twin_rtol = model, [], None
+    describe = getattr(getattr(twin_op, "twin", None), "crosscheck_terms", None)
+    if describe is not None:
+        reference, notes, twin_rtol = describe()
+    if rtol is None:
+        rtol = twin_rtol
+    own_op = owner.hessian(reference, loss_fn, data, dtype=dtype, params=params,
+                           **hessian_options)
     return crosscheck(
         own_op,
         twin_op,
@@ -270,4 +288,5 @@ def crosscheck_model(
         rtol=rtol,
         labels=(owner.name, twin.name),
         progress=progress,
+        notes=notes,
     )

@@ -155,6 +155,7 @@ class JaxBackend:
         dtype: Any = "float64",
         params: Any = None,
         chunk_size: int | None = None,
+        promote_float32_islands: bool | None = None,
     ) -> tuple[Any, Alignment]:
         """The Hessian of a PyTorch model's JAX twin (model and loss exported together).
 
@@ -179,7 +180,8 @@ class JaxBackend:
             raise ValueError("twin_hessian: the data is empty")
         np_dtype = np.dtype(np.float64 if jdtype == jnp.float64 else np.float32)
         twin = from_torch(torch_model, batches[0][0], loss=torch_loss,
-                          example_targets=batches[0][1], dtype=np_dtype)
+                          example_targets=batches[0][1], dtype=np_dtype,
+                          promote_float32_islands=promote_float32_islands)
         for inputs, targets in batches[1:]:
             twin.prepare(inputs, targets)  # export every distinct batch signature now
         reduction = getattr(torch_loss, "reduction", "mean")
@@ -210,7 +212,14 @@ class JaxBackend:
                 inputs, targets = batch
                 return twin.loss(full(p), inputs, targets)
 
-        op = hessian(loss_fn, tree, jax_batches, chunk_size=chunk_size, dtype=jdtype)
+        options: dict[str, Any] = {}
+        if any(not i.promoted for i in twin.islands):
+            import inspect
+
+            # float32 islands are symmetric only to float32 rounding
+            if "check_symmetric" in inspect.signature(hessian).parameters:
+                options["check_symmetric"] = False
+        op = hessian(loss_fn, tree, jax_batches, chunk_size=chunk_size, dtype=jdtype, **options)
         op.twin = twin
         return op, align
 

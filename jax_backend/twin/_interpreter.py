@@ -7,7 +7,10 @@ BatchNorm running statistics and position ids, frozen parameters, lifted tensor 
 and the user's inputs, flattened by the program's own input spec; each ``call_function``
 node is evaluated by its rule from :data:`jax_backend.twin._registry.RULES` and cast to
 the dtype torch recorded for it (so torch's type promotion holds without each rule
-reproducing it); the shapes are checked against torch's as the graph is traced.
+reproducing it); the shapes are checked against torch's as the graph is traced. Nodes that
+depend on neither parameters nor inputs were evaluated by torch at export time
+(:func:`jax_backend.twin._export.fold_constants`): their values are constants here, and
+the nodes that only feed them are skipped (they need no rule).
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class GraphFunction:
         self.in_spec = program.call_spec.in_spec
         self.out_spec = program.call_spec.out_spec
         self.decomposition = graph.decomposition
+        self.islands = graph.islands
+        self.exported = graph
+        self._folded = {name: _to_jax_constant(t) for name, t in (graph.folded or {}).items()}
+        self._skipped = graph.constant_nodes
         state = {**program.state_dict, **program.constants}
         self._sources: dict[str, tuple[str, Any]] = {}
         user = 0
@@ -118,6 +125,8 @@ class GraphFunction:
                 )
             if node.op != "call_function" or node.target is operator.getitem:
                 continue
+            if node.name in self._skipped:
+                continue  # computed by torch at export time
             name = str(node.target)
             if lookup(name) is None:
                 missing.setdefault(name, []).append(node)
@@ -157,7 +166,10 @@ class GraphFunction:
                 else:
                     env[node] = leaves[what]
             elif node.op == "call_function":
-                env[node] = self._evaluate(node, env)
+                if node.name in self._folded:
+                    env[node] = self._folded[node.name]
+                elif node.name not in self._skipped:
+                    env[node] = self._evaluate(node, env)
             elif node.op == "output":
                 flat = node.args[0]
                 outputs = [self._lookup(flat[i], env) for i in self._user_outputs]

@@ -448,3 +448,317 @@ TRANSFORMER_BUILDERS = {
     "multihead_attention": multihead_attention,
     "resnet18": resnet18,
 }
+
+
+# ---------------------------------------------------------------------------- the zoo
+# Hugging Face architectures from tiny configurations (random weights, float64, eval mode),
+# one builder per architecture: () -> (model, (inputs, targets), loss).
+
+def _lm(config_cls, model_cls, seed, **config):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, use_cache=False, **config)
+    model = getattr(transformers, model_cls)(cfg).to(DTYPE).eval()
+    tokens = _tokens(seed, batch=2)
+    return model, ({"input_ids": tokens}, tokens), causal_lm_loss
+
+
+def _classifier(config_cls, model_cls, seed, mask=True, **config):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, num_labels=3, **config)
+    model = getattr(transformers, model_cls)(cfg).to(DTYPE).eval()
+    tokens = _tokens(seed, batch=2)
+    inputs = {"input_ids": tokens}
+    if mask:
+        attention = torch.ones_like(tokens)
+        attention[1, 4:] = 0  # a padded sequence
+        inputs["attention_mask"] = attention
+    return model, (inputs, torch.tensor([0, 2])), logits_cross_entropy
+
+
+_SMALL = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12)
+_SMALL_LM = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+
+
+def zoo_gpt2():
+    return hf_gpt2("eager")
+
+
+def zoo_gpt_neo():
+    return _lm("GPTNeoConfig", "GPTNeoForCausalLM", 20, hidden_size=8, num_layers=2,
+               num_heads=2, attention_types=[[["global", "local"], 1]], window_size=4,
+               max_position_embeddings=16, intermediate_size=12)
+
+
+def zoo_gpt_neox():
+    return _lm("GPTNeoXConfig", "GPTNeoXForCausalLM", 21, hidden_size=8, num_hidden_layers=1,
+               num_attention_heads=2, intermediate_size=12, max_position_embeddings=16,
+               rotary_pct=0.5)
+
+
+def zoo_opt():
+    return _lm("OPTConfig", "OPTForCausalLM", 22, hidden_size=8, num_hidden_layers=1,
+               num_attention_heads=2, ffn_dim=12, max_position_embeddings=16,
+               word_embed_proj_dim=8)
+
+
+def zoo_llama():
+    return _lm("LlamaConfig", "LlamaForCausalLM", 23, **_SMALL_LM)
+
+
+def zoo_mistral():
+    return _lm("MistralConfig", "MistralForCausalLM", 24, **_SMALL_LM)
+
+
+def zoo_qwen2():
+    return _lm("Qwen2Config", "Qwen2ForCausalLM", 25, **_SMALL_LM)
+
+
+def zoo_gemma():
+    return _lm("GemmaConfig", "GemmaForCausalLM", 26, head_dim=8, **_SMALL_LM)
+
+
+def zoo_phi():
+    return _lm("PhiConfig", "PhiForCausalLM", 27, hidden_size=8, intermediate_size=12,
+               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+               partial_rotary_factor=0.5)
+
+
+def zoo_bloom():
+    return _lm("BloomConfig", "BloomForCausalLM", 28, hidden_size=8, n_layer=1, n_head=2)
+
+
+def zoo_falcon():
+    return _lm("FalconConfig", "FalconForCausalLM", 29, hidden_size=8, num_hidden_layers=1,
+               num_attention_heads=2, new_decoder_architecture=False, alibi=False)
+
+
+def zoo_bert():
+    return hf_bert("eager")
+
+
+def zoo_roberta():
+    return _classifier("RobertaConfig", "RobertaForSequenceClassification", 30,
+                       max_position_embeddings=16, **_SMALL)
+
+
+def zoo_distilbert():
+    return _classifier("DistilBertConfig", "DistilBertForSequenceClassification", 31, dim=8,
+                       n_layers=1, n_heads=2, hidden_dim=12, max_position_embeddings=16)
+
+
+def zoo_albert():
+    return _classifier("AlbertConfig", "AlbertForSequenceClassification", 32, embedding_size=4,
+                       max_position_embeddings=16, **_SMALL)
+
+
+def zoo_electra():
+    return _classifier("ElectraConfig", "ElectraForSequenceClassification", 33,
+                       embedding_size=4, max_position_embeddings=16, **_SMALL)
+
+
+def zoo_deberta_v2():
+    return _classifier("DebertaV2Config", "DebertaV2ForSequenceClassification", 34,
+                       max_position_embeddings=16, relative_attention=True,
+                       position_buckets=4, max_relative_positions=16,
+                       pos_att_type=["p2c", "c2p"], **_SMALL)
+
+
+def _seq2seq(config_cls, model_cls, seed, **config):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, use_cache=False, **config)
+    model = getattr(transformers, model_cls)(cfg).to(DTYPE).eval()
+    tokens, labels = _tokens(seed, batch=2), _tokens(seed + 100, batch=2, seq=4)
+    inputs = {"input_ids": tokens, "decoder_input_ids": labels}
+    return model, (inputs, labels), logits_token_cross_entropy
+
+
+def logits_token_cross_entropy(out, targets: torch.Tensor) -> torch.Tensor:
+    logits = out.logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def zoo_t5():
+    return _seq2seq("T5Config", "T5ForConditionalGeneration", 40, d_model=8, d_kv=4, d_ff=12,
+                    num_layers=1, num_heads=2, relative_attention_num_buckets=4,
+                    relative_attention_max_distance=8, decoder_start_token_id=0)
+
+
+def zoo_bart():
+    return _seq2seq("BartConfig", "BartForConditionalGeneration", 41, d_model=8,
+                    encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                    decoder_attention_heads=2, encoder_ffn_dim=12, decoder_ffn_dim=12,
+                    max_position_embeddings=16)
+
+
+def _images(config_cls, model_cls, seed, size=8, channels=1, **config):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(num_labels=3, num_channels=channels, **config)
+    model = getattr(transformers, model_cls)(cfg).to(DTYPE).eval()
+    images, labels = digits_images()
+    pixels = images[:2] if size == 8 else F.interpolate(images[:2], size=size)
+    return model, ({"pixel_values": pixels.repeat(1, channels, 1, 1)}, labels[:2] % 3), \
+        logits_cross_entropy
+
+
+def zoo_vit():
+    return hf_vit("sdpa")
+
+
+def zoo_convnext():
+    return _images("ConvNextConfig", "ConvNextForImageClassification", 50, hidden_sizes=[4, 8],
+                   depths=[1, 1], patch_size=2)
+
+
+def zoo_swin():
+    return _images("SwinConfig", "SwinForImageClassification", 51, image_size=8, patch_size=2,
+                   embed_dim=4, depths=[1, 1], num_heads=[1, 2], window_size=2)
+
+
+def zoo_clip_vision():
+    import transformers
+
+    torch.manual_seed(52)
+    cfg = transformers.CLIPVisionConfig(hidden_size=8, intermediate_size=12,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=8, patch_size=4, num_channels=1,
+                                        projection_dim=4)
+    model = transformers.CLIPVisionModelWithProjection(cfg).to(DTYPE).eval()
+    images, _ = digits_images()
+    target = torch.randn(2, 4, generator=torch.Generator().manual_seed(52), dtype=DTYPE)
+    return model, ({"pixel_values": images[:2]}, target), _embeds_mse
+
+
+def _embeds_mse(out, targets):
+    return F.mse_loss(out.image_embeds, targets)
+
+
+def zoo_whisper_encoder():
+    import transformers
+
+    torch.manual_seed(53)
+    cfg = transformers.WhisperConfig(d_model=8, encoder_layers=1, encoder_attention_heads=2,
+                                     encoder_ffn_dim=12, num_mel_bins=4,
+                                     max_source_positions=4, decoder_layers=1,
+                                     decoder_attention_heads=2, decoder_ffn_dim=12,
+                                     vocab_size=VOCAB)
+    model = transformers.WhisperForAudioClassification(cfg).to(DTYPE).eval()
+    gen = torch.Generator().manual_seed(53)
+    features = torch.randn(2, 4, 8, generator=gen, dtype=DTYPE)  # (batch, mels, 2 * positions)
+    return model, ({"input_features": features}, torch.tensor([0, 1])), logits_cross_entropy
+
+
+def zoo_wav2vec2():
+    import transformers
+
+    torch.manual_seed(54)
+    cfg = transformers.Wav2Vec2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=12, conv_dim=(4, 4), conv_stride=(2, 2),
+                                      conv_kernel=(3, 3), num_conv_pos_embeddings=4,
+                                      num_conv_pos_embedding_groups=2, num_labels=3,
+                                      classifier_proj_size=4, vocab_size=VOCAB,
+                                      feat_extract_norm="layer", do_stable_layer_norm=True)
+    model = transformers.Wav2Vec2ForSequenceClassification(cfg).to(DTYPE).eval()
+    gen = torch.Generator().manual_seed(54)
+    audio = torch.randn(2, 40, generator=gen, dtype=DTYPE)
+    return model, ({"input_values": audio}, torch.tensor([0, 2])), logits_cross_entropy
+
+
+class GRULanguageModel(nn.Module):
+    """Embedding, a two-layer GRU and a tied-free head (hand-built recurrent model)."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.GRU(dim, dim, num_layers=2, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+def zoo_gru_lm():
+    torch.manual_seed(60)
+    model = GRULanguageModel().to(DTYPE).eval()
+    tokens = _tokens(60, batch=2)
+    return model, (tokens, tokens), causal_lm_loss
+
+
+class TinyUNet(nn.Module):
+    """A conv encoder-decoder with a transposed convolution, a skip and depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.head = nn.Conv2d(3, 1, 1)
+
+    def forward(self, x):
+        h = F.gelu(self.depthwise(F.silu(self.down(x))))
+        return self.head(torch.cat([self.up(h), x], dim=1))
+
+
+def zoo_unet():
+    torch.manual_seed(61)
+    model = TinyUNet().to(DTYPE).eval()
+    images, _ = digits_images()
+    return model, (images[:2], images[:2].flip(-1)), nn.MSELoss()
+
+
+ZOO = {name[len("zoo_"):]: fn for name, fn in globals().items() if name.startswith("zoo_")}
+
+
+def twin_hvp_difference(model, inputs, targets, loss, seed: int = 0, **from_torch_options):
+    """``(twin, rel)``: one HVP of the twin's loss (jitted forward-over-reverse) against torch's
+    double backward on ``twin.torch_model()`` (the same rewritten program), relative in norm.
+
+    Also checks the two losses and gradients agree to the same ``rel`` (the largest of the
+    three is returned). Cheaper than a full ``crosscheck_model`` (no eigensolves).
+    """
+    import jax
+    from jax.flatten_util import ravel_pytree
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from jax_backend import from_torch
+
+    twin = from_torch(model, inputs, loss=loss, example_targets=targets, **from_torch_options)
+    reference = twin.torch_model()
+    tensors = dict(reference.named_parameters())
+    names = list(twin.params)
+    flat, unravel = ravel_pytree(twin.params)
+    jax_inputs = jax.tree_util.tree_map(lambda t: t.numpy(), inputs)
+    probe = np.random.default_rng(seed).standard_normal(flat.shape[0])
+
+    def jax_loss(v):
+        return twin.loss(unravel(v), jax_inputs, targets.numpy())
+
+    @jax.jit
+    def value_grad_hvp(v, p):
+        grad, hvp = jax.jvp(jax.grad(jax_loss), (v,), (p,))
+        return jax_loss(v), grad, hvp
+
+    value, grad, hvp = value_grad_hvp(flat, jax.numpy.asarray(probe))
+    theta = torch.cat([tensors[n].detach().reshape(-1) for n in names]).requires_grad_(True)
+    parts = torch.split(theta, [tensors[n].numel() for n in names])
+    params = {n: p.reshape(tensors[n].shape) for n, p in zip(names, parts)}
+    args = (inputs,) if not isinstance(inputs, dict) else ()
+    kwargs = inputs if isinstance(inputs, dict) else {}
+    with sdpa_kernel(SDPBackend.MATH):  # flash attention has no double backward
+        t_value = loss(torch.func.functional_call(reference, params, args, kwargs), targets)
+        (t_grad,) = torch.autograd.grad(t_value, theta, create_graph=True)
+        (t_hvp,) = torch.autograd.grad(t_grad @ torch.as_tensor(probe), theta)
+    t_value = float(t_value.detach())
+    rel = abs(float(value) - t_value) / abs(t_value)
+    for ours, theirs in ((grad, t_grad), (hvp, t_hvp)):
+        theirs = theirs.detach().numpy()
+        rel = max(rel, float(np.linalg.norm(np.asarray(ours) - theirs) / np.linalg.norm(theirs)))
+    return twin, rel
