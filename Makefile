@@ -1,12 +1,15 @@
 # The two commands of the README:
 #   make run    create .venv, install dualhess with both frameworks, run the main job
 #   make test   create .venv, install .[all,dev], run ruff and the test suite
+# And for CI:
+#   make test-install   build the wheel, install it per extra into fresh venvs, run the CLI
+#   make docs           build the documentation site (mkdocs, warnings are errors) into site/
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -c constraints.txt
 
-.PHONY: run test lint install install-dev clean bench
+.PHONY: run test test-install docs lint install install-dev clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +40,23 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
 
+# The wheel alone, per extra (core only and [torch]; add jax / all with EXTRAS="core torch jax"),
+# in fresh venvs: dualhess analyze writes a report with what each extra installs.
+EXTRAS ?= core torch
+test-install: $(PY)
+	$(PY) .ci/test_install.py $(EXTRAS)
+
+# The documentation site (mkdocs-material, API reference from the numpydoc docstrings) into
+# site/, warnings as errors. The reference imports dualhess, torch_backend and jax_backend.
+docs: $(VENV)/.installed
+	$(PIP) -q -e '.[all,docs]'
+	$(PY) .ci/drop_broken_torchvision.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(VENV)/.installed-dev
 	$(PIP) -q -e '.[bench]'
 	$(PY) .ci/drop_broken_torchvision.py
 	$(PY) -m benchmarks.run --suite cpu
 
 clean:
-	rm -rf $(VENV) dualhess-report
+	rm -rf $(VENV) dualhess-report site
