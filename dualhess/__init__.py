@@ -48,7 +48,7 @@ from ._results import DiagonalEstimate, Eigen, SpectralDensity, TraceEstimate, T
 from ._trace import trace
 from .backends import available_backends, crosscheck_model, get_backend, hessian
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # the seam
