@@ -279,14 +279,39 @@ def load_user_file(path: str | Path) -> tuple[Any, Any, Any]:
         )
     out = []
     for fname in ("model", "loss", "data"):
+        function = getattr(module, fname)
+        required = _required_parameters(function)
+        if required:
+            raise UserFileError(
+                f"{path}: {fname}({', '.join(required)}) takes arguments; each function of a "
+                "model file takes none and returns an object: model() the model (a torch "
+                "nn.Module, a flax nnx.Module or a linen (module, variables) pair), loss() "
+                "the loss function itself (e.g. return torch.nn.CrossEntropyLoss(), called "
+                "later as loss(outputs, targets)), data() a batch (inputs, targets) or a list "
+                "of batches"
+            )
         try:
-            out.append(getattr(module, fname)())
+            out.append(function())
         except Exception as exc:
             raise UserFileError(f"{path}: {fname}() raised {_one_line(exc)}") from exc
     if out[2] is None:
         raise UserFileError(f"{path}: data() returned None; return a batch (inputs, targets) "
                             "or a list of batches")
     return out[0], out[1], out[2]
+
+
+def _required_parameters(function: Any) -> list[str]:
+    """Names of the parameters ``function`` needs (no default, not ``*args``/``**kwargs``)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    return [name for name, parameter in signature.parameters.items()
+            if parameter.kind in kinds and parameter.default is inspect.Parameter.empty]
 
 
 def _one_line(exc: BaseException) -> str:

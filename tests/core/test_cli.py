@@ -87,6 +87,19 @@ def test_user_file_that_raises(tmp_path, body, expected):
     assert not (tmp_path / "out").exists()
 
 
+def test_user_file_with_a_wrong_signature_says_what_each_function_returns(tmp_path):
+    path = tmp_path / "user_model.py"
+    path.write_text("def model():\n    return 1\ndef loss(logits, labels):\n    return 0.0\n"
+                    "def data():\n    return None\n")
+    proc = dualhess("analyze", str(path), "--out", str(tmp_path / "out"), block_frameworks=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "loss(logits, labels) takes arguments" in line
+    for returns in ("model() the model", "loss() the loss function itself", "data() a batch"):
+        assert returns in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_user_file_missing_data(tmp_path):
     path = tmp_path / "no_data.py"
     path.write_text("def model():\n    return 1\ndef loss():\n    return 1\n")
