@@ -122,3 +122,42 @@ def test_unsupported_op_is_a_clear_error():
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
     with pytest.raises(NotImplementedError, match=r"aten\.sort.*test_crosscheck_model\.py"):
         dualhess.crosscheck_model(model, torch.nn.CrossEntropyLoss(), (x, y))
+
+
+def test_referee_names_torch_when_its_weight_norm_double_backward_is_wrong():
+    """PyTorch's double backward of ``_weight_norm`` is wrong on this build (gradgradcheck
+    fails): the products disagree, and finite differences of each side's own loss say torch
+    is the wrong side, not the twin."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    linear = torch.nn.Linear(4, 5).double()
+    if torch.autograd.gradgradcheck(lambda v, g: torch._weight_norm(v, g, 0),
+                                    (linear.weight.detach().clone().requires_grad_(),
+                                     torch.rand(5, 1, dtype=torch.float64).requires_grad_()),
+                                    raise_exception=False):
+        pytest.skip("this torch build's double backward of _weight_norm is right")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(weight_norm(torch.nn.Linear(4, 5), dim=0), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).double().eval()
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    report = dualhess.crosscheck_model(model, torch.nn.CrossEntropyLoss(), (x, y), k=2,
+                                       num_probes=3, check_symmetric=False)
+    assert not report.passed
+    assert report.failing_blocks == ["0.parametrizations.weight.original1"]
+    verdict = report.verdict
+    assert verdict.wrong == "torch", str(report)
+    assert verdict.rel_err_a > 0.1 and verdict.rel_err_b < 1e-6
+    assert "torch is the wrong side" in str(report)
+    # a pair that cannot agree does not spend the eigensolver's budget
+    assert report.eig_a == [] and report.num_matvecs == (3, 3)
+
+
+def test_referee_says_when_both_sides_compute_different_functions():
+    case = cm.build("mlp")
+    op_t = torch_backend.hessian(case.model, case.loss, _data(case), method="func")
+    op_j, twin = _twin_operator(case, penalty=lambda p: 1e-2 * jnp.sum(p["2.weight"] ** 2))
+    report = dualhess.crosscheck(op_t, op_j, align=twin.align, k=2, num_probes=4)
+    assert not report.passed and report.verdict.wrong is None
+    assert "different functions" in report.verdict.message
+    assert report.verdict.loss_rel_diff > 1e-6
