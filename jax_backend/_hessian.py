@@ -38,7 +38,7 @@ from dualhess._operator import Operator, OperatorError, ParamLayout
 
 from ._data import Dataset, path_name, prepare_data, x64_enabled
 from ._memory import free_device_memory
-from ._validity import check_loss_depends_on_params, check_normalizer_is_fixed
+from ._validity import check_loss_depends_on_params, check_normalizer_is_fixed, computation_dtype
 from ._validity import check_symmetric as check_symmetric_probe
 
 __all__ = [
@@ -282,7 +282,13 @@ class PytreeOperator(Operator):
         #: measured at construction (None when skipped with check_symmetric=False).
         self.asymmetry: float | None = None
         if check_symmetric:
-            self.asymmetry = check_symmetric_probe(self._matvec, self.n, self.dtype, where)
+            traced = jax.make_jaxpr(self._batch_product)(
+                self.params_flat, self.dataset.first, self.params_flat
+            )
+            rounding = computation_dtype(traced, self.dtype)
+            self.asymmetry = check_symmetric_probe(
+                self._matvec, self.n, self.dtype, where, rounding_dtype=rounding
+            )
         if auto_chunk:
             self.chunk_size = self.auto_chunk_size()
 

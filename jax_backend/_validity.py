@@ -39,6 +39,7 @@ __all__ = [
     "check_normalizer_is_fixed",
     "check_symmetric",
     "symmetry_tolerance",
+    "computation_dtype",
     "check_nnx_mode",
     "linen_batch_statistics_error",
 ]
@@ -154,6 +155,39 @@ def check_normalizer_is_fixed(
         )
 
 
+def _float_dtypes(jaxpr: Any, found: set[Any]) -> None:
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            dtype = getattr(getattr(var, "aval", None), "dtype", None)
+            if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+                found.add(jnp.dtype(dtype))
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    _float_dtypes(inner, found)
+
+
+def computation_dtype(closed: Any, default: Any) -> Any:
+    """The least precise floating dtype a traced computation uses (``default`` if none).
+
+    A float64 operator whose loss casts to float32 inside (a float32 softmax, a mixed-precision
+    layer) rounds at float32's level; the symmetry probe must allow that rounding.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> jax.config.update("jax_enable_x64", True)
+    >>> closed = jax.make_jaxpr(lambda x: jnp.sin(x.astype(jnp.float32)).astype(x.dtype))
+    >>> computation_dtype(closed(jnp.ones(2, jnp.float64)), jnp.float64)
+    dtype('float32')
+    """
+    found: set[Any] = set()
+    _float_dtypes(getattr(closed, "jaxpr", closed), found)
+    found.add(jnp.dtype(default))
+    return max(found, key=lambda dtype: float(jnp.finfo(dtype).eps))
+
+
 def symmetry_tolerance(n: int, dtype: Any) -> float:
     """The largest relative asymmetry the probe attributes to rounding: ``100 eps sqrt(n)``,
     capped at 0.5.
@@ -164,7 +198,8 @@ def symmetry_tolerance(n: int, dtype: Any) -> float:
     plus the dot products' own rounding (about ``eps sqrt(n)`` for random signs). The bound
     allows ``e`` up to ``100 eps sqrt(n)`` (cancellation in deep products), so float64 models
     are held to ~1e-11 at n = 1e4 and float32 ones to ~1e-3; in 16-bit dtypes the cap makes the
-    probe catch only gross asymmetry.
+    probe catch only gross asymmetry. ``dtype`` is that of the least precise computation in
+    the product (:func:`computation_dtype`), not only the operator's.
 
     Examples
     --------
@@ -177,10 +212,16 @@ def symmetry_tolerance(n: int, dtype: Any) -> float:
 
 
 def check_symmetric(
-    matvec: Callable[[jax.Array], jax.Array], n: int, dtype: Any, where: str, seed: int = 0
+    matvec: Callable[[jax.Array], jax.Array],
+    n: int,
+    dtype: Any,
+    where: str,
+    seed: int = 0,
+    rounding_dtype: Any = None,
 ) -> float:
-    """Two products ``Hu``, ``Hv`` with seeded random ``u, v``; refuse ``u^T H v != v^T H u``
-    beyond :func:`symmetry_tolerance`. Returns the measured relative asymmetry.
+    """Two products ``Hu``, ``Hv`` with seeded random ``u, v`` (numpy float64, cast to the
+    operator's ``dtype``); refuse ``u^T H v != v^T H u`` beyond :func:`symmetry_tolerance`
+    for ``rounding_dtype`` (default ``dtype``). Returns the measured relative asymmetry.
 
     Raises
     ------
@@ -202,12 +243,13 @@ def check_symmetric(
     if scale == 0.0:
         return 0.0  # a zero operator is symmetric
     ratio = gap / scale
-    tol = symmetry_tolerance(n, dtype)
+    rounding_dtype = dtype if rounding_dtype is None else rounding_dtype
+    tol = symmetry_tolerance(n, rounding_dtype)
     if ratio > tol:
         raise AsymmetricOperatorError(
             f"{where}: the operator is not symmetric: |u^T H v - v^T H u| / (|u| |Hv| + "
             f"|v| |Hu|) = {ratio:.3g} for random u, v, beyond rounding ({tol:.3g} in "
-            f"{jnp.dtype(dtype).name}), so it is not the Hessian of the loss and a symmetric "
+            f"{jnp.dtype(rounding_dtype).name}), so it is not the Hessian of the loss and a symmetric "
             "eigensolver's answer would be meaningless. Likely causes: a jax.custom_jvp or "
             "jax.custom_vjp whose derivative rule is not the derivative of its function (or "
             "is not itself differentiable consistently), a non-differentiable operation "

@@ -180,3 +180,18 @@ def test_linen_batchnorm_on_batch_statistics_is_refused_naming_it(data):
         from_linen(Net(), variables, ce, (x, np.arange(12) % 2))
     with pytest.raises(ValueError, match="reads a collection that variables lacks"):
         from_linen(Net(), {"params": variables["params"]}, ce, (x, np.arange(12) % 2))
+
+
+def test_mixed_precision_loss_passes_the_probe(data):
+    """A float64 operator whose loss rounds in float32 (a float32 softmax) is held to float32's
+    rounding, not float64's (it was refused at 1.3e-9 before the probe read the trace)."""
+    x, _ = data
+    labels = np.arange(12) % 3
+    w = jnp.asarray(np.random.default_rng(4).standard_normal((3, 3)))
+
+    def loss(p, batch):
+        z = (batch[0] @ p).astype(jnp.float32)
+        return jnp.mean(ce(z, batch[1])).astype(jnp.float64)
+
+    op = hessian(loss, w, (x, labels))
+    assert op.dtype == jnp.float64 and op.asymmetry <= symmetry_tolerance(op.n, jnp.float32)
