@@ -28,6 +28,7 @@ from ._errors import (
     DualhessError,
     LossUnavailableError,
     NotConvergedWarning,
+    PrecisionWarning,
     StaleOperatorError,
     UnsupportedOpError,
 )
@@ -95,5 +96,6 @@ __all__ = [
     "CheckpointError",
     "StaleOperatorError",
     "AsymmetricOperatorError",
+    "PrecisionWarning",
     "NotConvergedWarning",
 ]

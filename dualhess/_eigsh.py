@@ -295,7 +295,6 @@ class _Krylov:
         return self.V @ self.op.asarray(M)
 
 
-@fill_doc
 def _show_progress(bar: Any, residuals: np.ndarray, tol: float, scale: float, spent: int) -> None:
     """Converged pairs, the worst relative residual and the products so far, on the bar."""
     if bar.disable:
@@ -307,6 +306,7 @@ def _show_progress(bar: Any, residuals: np.ndarray, tol: float, scale: float, sp
     bar.update(0)
 
 
+@fill_doc
 def eigsh(
     op: Operator,
     k: int = 6,
@@ -512,7 +512,7 @@ def eigsh(
             done = False
             if ne >= k:
                 check_symmetric_products(native, kry.asymmetry, kry.scale,
-                                         op.num_matvecs - start_count, "eigsh")
+                                         op.num_matvecs - start_count, "eigsh", warn=False)
                 theta, Y, res = kry.ritz()
                 scale = float(np.max(np.abs(theta), initial=0.0))
                 wanted = _select(theta, k, which)
@@ -565,8 +565,8 @@ def eigsh(
         bar.close()
 
     # A wrong spectrum must never look converged: a non-symmetric operator is refused.
-    check_symmetric_products(native, kry.asymmetry, kry.scale, op.num_matvecs - start_count,
-                             "eigsh")
+    asymmetry = check_symmetric_products(native, kry.asymmetry, kry.scale,
+                                         op.num_matvecs - start_count, "eigsh")
     theta, Y, res = kry.ritz()
     scale = float(np.max(np.abs(theta), initial=0.0))
     wanted = _select(theta, k, which)
@@ -581,9 +581,14 @@ def eigsh(
         converged = residuals <= tol_claim * scale
     else:
         converged = residuals <= tol_eff * scale
+    if asymmetry > tol_eff:  # products less precise than their dtype: no claim beyond that
+        converged = np.zeros_like(converged, dtype=bool)
     if not np.all(converged):
         reason = "max_matvecs" if exhausted else "the basis"
         advice = "raise max_matvecs or max_basis, or loosen tol"
+        if asymmetry > tol_eff:
+            reason = f"the products' precision (symmetric only to {asymmetry:.1e})"
+            advice = "loosen tol, or compute the whole model in float64"
         if low and not exhausted:
             reason = f"the rounding of {native.product_dtype} products"
             worst = float(np.max(residuals) / max(scale, np.finfo(float).tiny))

@@ -29,6 +29,7 @@ __all__ = [
     "UnsupportedOpError",
     "UserFileError",
     "NotConvergedWarning",
+    "PrecisionWarning",
 ]
 
 
@@ -84,3 +85,9 @@ class UserFileError(DualhessError):
 
 class NotConvergedWarning(RuntimeWarning):
     """An iterative method stopped at its budget before reaching its tolerance."""
+
+
+class PrecisionWarning(RuntimeWarning):
+    """The products are less precise than their dtype: e.g. a float64 model that computes
+    parts in float32 (Hugging Face casts logits, RMSNorm and rotary tables), so results are
+    accurate to that lower precision only."""

@@ -15,6 +15,7 @@ __all__ = [
     "product_eps",
     "symmetry_tolerance",
     "check_symmetric_products",
+    "refusal_tolerance",
     "progress_bar",
     "check_finite_host",
 ]
@@ -84,6 +85,13 @@ def product_eps(op: Operator) -> float:
     return float(dtype_eps(op.dtype))
 
 
+#: sqrt of float32's unit roundoff: float64 operators are refused only above it, since a
+#: float64 model may compute parts in float32 (Hugging Face casts logits to float32 in its
+#: losses, Llama-family models RMSNorm and rotary tables), which leaves asymmetries near
+#: 1e-9 to 1e-7: a less precise Hessian, not a wrong one (a PrecisionWarning says so).
+FLOAT32_SYMMETRY_FLOOR = float(np.sqrt(2.0**-24))
+
+
 def symmetry_tolerance(op: Operator, num_steps: int) -> float:
     """The largest ``max |v_i^T A v_j - v_j^T A v_i| / ||A||`` that rounding explains.
 
@@ -99,17 +107,27 @@ def symmetry_tolerance(op: Operator, num_steps: int) -> float:
     return float(np.sqrt(product_eps(op)))
 
 
+def refusal_tolerance(op: Operator) -> float:
+    """Above this relative asymmetry an operator is refused: ``sqrt(u)``, but never below
+    ``sqrt`` of float32's roundoff (:data:`FLOAT32_SYMMETRY_FLOOR`, 2.4e-4); between
+    :func:`symmetry_tolerance` and this, a :class:`~dualhess.PrecisionWarning`."""
+    return max(symmetry_tolerance(op, 0), FLOAT32_SYMMETRY_FLOOR)
+
+
 def check_symmetric_products(op: Operator, asymmetry: float, scale: float, num_steps: int,
-                             where: str) -> None:
+                             where: str, *, warn: bool = True) -> float:
     """Raise :class:`~dualhess.AsymmetricOperatorError` when the Krylov coefficients show
     that ``op`` is not symmetric: ``asymmetry`` is ``max |v_i^T A v_j - v_j^T A v_i|`` over
-    the basis, ``scale`` an estimate of ``||A||``."""
-    from ._errors import AsymmetricOperatorError
+    the basis, ``scale`` an estimate of ``||A||``. Above the rounding of the products'
+    dtype but below :func:`refusal_tolerance` (a float64 model computing partly in float32),
+    warn (``warn=True``) with a :class:`~dualhess.PrecisionWarning`. Returns the relative
+    asymmetry (0 when it cannot be measured): no result is more accurate than it."""
+    from ._errors import AsymmetricOperatorError, PrecisionWarning
 
     if not (scale > 0 and np.isfinite(asymmetry)):
-        return
+        return 0.0
     relative = asymmetry / scale
-    allowed = symmetry_tolerance(op, num_steps)
+    allowed = refusal_tolerance(op)
     if relative > allowed:
         raise AsymmetricOperatorError(
             f"{where}: the operator is not symmetric: its Krylov coefficients give "
@@ -119,9 +137,23 @@ def check_symmetric_products(op: Operator, asymmetry: float, scale: float, num_s
             "_matvec/_matmat is not a symmetric map; DenseOperator(A, check_symmetric=False) "
             "of a non-symmetric A (pass (A + A.T) / 2); a framework's second derivative that "
             "is not symmetric (e.g. torch parametrizations.weight_norm under double backward: "
-            "use method='func' or remove the parametrization); products that change between "
+            "remove the parametrization); products that change between "
             "calls (parameters edited in place, randomness in the loss)"
         )
+    if warn and relative > symmetry_tolerance(op, num_steps):
+        import warnings
+
+        warnings.warn(
+            f"{where}: the products are symmetric only to {relative:.1e} relative (their "
+            f"dtype's rounding allows {symmetry_tolerance(op, num_steps):.1e}): part of the "
+            "model likely computes in lower precision (a float64 model with float32 casts: "
+            "Hugging Face losses, RMSNorm, rotary tables), so results are accurate to about "
+            f"{relative:.0e} of the largest eigenvalue, and no eigenpair is reported converged "
+            "to a tolerance below that",
+            PrecisionWarning,
+            stacklevel=3,
+        )
+    return float(relative)
 
 
 def check_finite_host(x: np.ndarray, what: str) -> None:

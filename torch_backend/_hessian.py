@@ -81,10 +81,6 @@ SHARED_PARAMETERS = """\
         At construction, compare ``u^T H v`` with ``v^T H u`` and refuse an operator that is
         not symmetric beyond rounding (:func:`torch_backend._validity.check_symmetric`: a
         framework's wrong second derivative). One more product (default True).
-
-    Operators belong to the parameters they were built at: a product, ``loss_at`` or
-    ``gradient`` after the model's parameters or buffers changed (an optimizer step,
-    ``p.data.mul_()``) raises :class:`dualhess.StaleOperatorError`; build a new operator.
 """
 
 
@@ -666,7 +662,10 @@ def hessian(
     -------
     HessianOperator
         ``op.matvec``/``op.matmat`` on flat tensors; ``op.layout``, ``op.split``,
-        ``op.join``; ``op.exact_diagonal()`` through BackPACK where possible.
+        ``op.join``; ``op.exact_diagonal()`` through BackPACK where possible. The operator
+        belongs to the parameters it was built at: a product, ``loss_at`` or ``gradient``
+        after the model's parameters or buffers changed (an optimizer step,
+        ``p.data.mul_()``) raises :class:`dualhess.StaleOperatorError`; build a new one.
 
     Examples
     --------

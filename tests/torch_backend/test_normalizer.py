@@ -334,3 +334,51 @@ def test_pyhessian_drop_in_follows_the_normaliser():
     comp = PyHessian(model, nn.CrossEntropyLoss(), dataloader=_batches(X, y), cuda=False)
     H = _full_hessian(model, nn.CrossEntropyLoss(), X, y)
     assert rel(comp.operator.to_dense(), H) <= 1e-12
+
+
+@errors_table
+def test_hugging_face_causal_lm_own_loss_over_padded_batches():
+    """Hugging Face's own .loss over labels padded with -100, three batches with different
+    numbers of kept tokens, with normalizer=label_count(shift=True): products equal those of
+    the one batch holding every sequence (HF's own mean over all kept tokens, the
+    whole-data-set loss by definition). HF's ForCausalLMLoss casts the logits to float32, so
+    its own loss agrees to float32 rounding (1e-6); the same causal-LM loss written in
+    float64 agrees to 1e-12."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_embd=8, n_layer=1, n_head=2, vocab_size=13, n_positions=8, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 13, (6, 8), generator=g)
+    labels = ids.clone()
+    labels[0, 5:] = -100
+    labels[2, 2:] = -100
+    labels[3, 6:] = -100
+    labels[5, 3:] = -100
+    batches = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in (0, 2, 4)]
+    everything = {"input_ids": ids, "labels": labels}
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64,
+                    generator=g)
+
+    def own_loss(m, batch):
+        return m(**batch, use_cache=False).loss
+
+    def float64_loss(m, batch):
+        logits = m(input_ids=batch["input_ids"], use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 13), batch["labels"][:, 1:].reshape(-1))
+
+    with pytest.raises(ValueError, match="label_count"):
+        tb.hessian(model, data=batches, closure=own_loss)
+    for closure, tolerance in ((own_loss, 1e-6), (float64_loss, 1e-12)):
+        multi = tb.hessian(model, data=batches, closure=closure,
+                           normalizer=tb.label_count(shift=True))
+        single = tb.hessian(model, data=everything, closure=closure)
+        assert multi.dataset.total_normalizer == float((labels[:, 1:] != -100).sum())
+        assert abs(multi.loss - single.loss) <= tolerance * single.loss
+        err = rel(multi.matmat(V), single.matmat(V))
+        print(f"GPT-2 {closure.__name__} over padded batches, label_count(shift=True): "
+              f"rel err {err:.2e}")
+        assert err <= tolerance
