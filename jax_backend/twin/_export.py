@@ -197,11 +197,35 @@ def find_float32_islands(graph: Any, *, promoted: bool = False) -> tuple[Float32
             continue
         if any(_tensor_dtype(i) == torch.float32 for i in node.all_input_nodes):
             continue  # inside an island, not its entry
+        if not _reaches_floats(node):
+            continue  # float32 values that only leave as integers (OPT's positions)
         found.setdefault((module_of(node), source_of(node, with_module=False)), []).append(node)
     return tuple(
         Float32Island(module, source, str(group[0].target), len(group), promoted)
         for (module, source), group in found.items()
     )
+
+
+def _reaches_floats(entry: Any) -> bool:
+    """Whether float32 values from ``entry`` flow into a floating result of another dtype
+    (or the output): an island that only ends in integer casts changes no float64 value."""
+    import torch
+
+    seen, todo = set(), [entry]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            dtype = _tensor_dtype(user)
+            if user.op == "output":
+                return True
+            if dtype == torch.float32 or (dtype is None and user.op == "call_function"):
+                todo.append(user)  # still float32 (or a tuple/getitem)
+            elif dtype is not None and dtype.is_floating_point:
+                return True
+    return False
 
 
 def promote_float32_islands(program: Any) -> int:
@@ -217,8 +241,11 @@ def promote_float32_islands(program: Any) -> int:
         return torch.float64 if a is torch.float32 else a
 
     changed = 0
-    for node in program.graph.nodes:
+    for node in list(program.graph.nodes):
         if node.op != "call_function":
+            continue
+        if str(node.target).startswith("aten._assert_tensor_metadata") and not node.users:
+            program.graph.erase_node(node)  # a dtype assertion the rewrite invalidates
             continue
         args, kwargs = map_aggregate(node.args, widen), map_aggregate(node.kwargs, widen)
         if args != node.args or kwargs != node.kwargs:

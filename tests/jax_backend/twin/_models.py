@@ -464,13 +464,13 @@ def _lm(config_cls, model_cls, seed, **config):
     return model, ({"input_ids": tokens}, tokens), causal_lm_loss
 
 
-def _classifier(config_cls, model_cls, seed, mask=True, **config):
+def _classifier(config_cls, model_cls, seed, mask=True, seq=SEQ, **config):
     import transformers
 
     torch.manual_seed(seed)
     cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, num_labels=3, **config)
     model = getattr(transformers, model_cls)(cfg).to(DTYPE).eval()
-    tokens = _tokens(seed, batch=2)
+    tokens = _tokens(seed, batch=2, seq=seq)
     inputs = {"input_ids": tokens}
     if mask:
         attention = torch.ones_like(tokens)
@@ -562,9 +562,11 @@ def zoo_electra():
 
 
 def zoo_deberta_v2():
-    return _classifier("DebertaV2Config", "DebertaV2ForSequenceClassification", 34,
+    # 8 tokens, 4 buckets, 8 relative positions: the log bucket of distance 7 is
+    # ceil(log(7 / 2) / log(3.5)) = ceil(1.0) in float32, which jax.jit folded to 2
+    return _classifier("DebertaV2Config", "DebertaV2ForSequenceClassification", 34, seq=8,
                        max_position_embeddings=16, relative_attention=True,
-                       position_buckets=4, max_relative_positions=16,
+                       position_buckets=4, max_relative_positions=8,
                        pos_att_type=["p2c", "c2p"], **_SMALL)
 
 
@@ -615,7 +617,7 @@ def zoo_vit():
 
 def zoo_convnext():
     return _images("ConvNextConfig", "ConvNextForImageClassification", 50, hidden_sizes=[4, 8],
-                   depths=[1, 1], patch_size=2)
+                   depths=[1, 1], num_stages=2, patch_size=2)
 
 
 def zoo_swin():
