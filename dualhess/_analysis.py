@@ -664,7 +664,8 @@ def analyze(
         t0 = time.perf_counter()
         try:
             twin_op, alignment = twin.twin_hessian(
-                model, loss_fn, data, dtype=settings.dtype, params=selected)
+                model, loss_fn, data, dtype=settings.dtype, params=selected,
+                normalizers=owner.normalizers(model, loss_fn, data, dtype=settings.dtype))
         except (NotImplementedError, ImportError) as exc:
             # An operation the twin cannot reproduce. Asked for explicitly (--framework
             # both/<twin>), that is an error; by default the owner's analysis goes on and

@@ -89,11 +89,20 @@ class Backend(Protocol):
         function of the same weights, differentiated by this backend's autodiff)."""
         ...
 
+    def normalizers(self, model: Any, loss_fn: Any, data: Any, *, dtype: Any) -> Any:
+        """What each batch's loss divides by, as this backend reads ``loss_fn`` (kept labels
+        of an ``ignore_index``, class-weight sums, elements, samples), in the order of the
+        batches; ``None`` for a loss that is a sum. A twin weights its batches with them, so
+        both frameworks differentiate the same whole-data-set loss."""
+        ...
+
     def twin_hessian(
-        self, model: Any, loss_fn: Any, data: Any, *, dtype: Any, params: Any = None
+        self, model: Any, loss_fn: Any, data: Any, *, dtype: Any, params: Any = None,
+        normalizers: Any = None,
     ) -> tuple[Operator, Any]:
         """The Hessian of the twin of another framework's ``model`` over the same data, and
-        the :class:`~dualhess.Alignment` from the owner's flat order to the twin's."""
+        the :class:`~dualhess.Alignment` from the owner's flat order to the twin's. The
+        batches are weighted by ``normalizers`` (the owner's :meth:`normalizers`)."""
         ...
 
     def demo_problem(self, **options: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -266,7 +275,9 @@ def crosscheck_model(
         )
     twin = twins[0]
     # the twin first: an unsupported operation is reported by the converter, naming it
+    normalizers = owner.normalizers(model, loss_fn, data, dtype=dtype)
     twin_op, align = twin.twin_hessian(model, loss_fn, data, dtype=dtype, params=params,
+                                       normalizers=normalizers,
                                        promote_float32_islands=promote_float32_islands)
     # the twin says which function both sides compute (a rewritten program when the export
     # promoted float32 islands) and why the tolerance is what it is

@@ -146,6 +146,12 @@ class JaxBackend:
             "install the torch backend: pip install 'dualhess[torch]'"
         )
 
+    def normalizers(self, model: Any, loss_fn: Any, data: Any, *, dtype: Any) -> Any:
+        raise NotImplementedError(
+            "the JAX backend reads no normalizers for a twin: no other backend twins a Flax "
+            "model (pass normalizer= to jax_backend.hessian for a JAX loss)"
+        )
+
     def twin_hessian(
         self,
         torch_model: Any,
@@ -156,6 +162,7 @@ class JaxBackend:
         params: Any = None,
         chunk_size: int | None = None,
         promote_float32_islands: bool | None = None,
+        normalizers: Any = None,
     ) -> tuple[Any, Alignment]:
         """The Hessian of a PyTorch model's JAX twin (model and loss exported together).
 
@@ -165,6 +172,10 @@ class JaxBackend:
         operator and the :class:`~dualhess.Alignment` from the torch operator's flat order
         (``torch_backend.hessian(..., params=params)``) to its own: the identity, since the
         twin keeps torch's parameter names and order.
+
+        ``normalizers`` (the torch backend's ``normalizers``: kept labels of an
+        ``ignore_index``, class-weight sums, per batch) weight the batches exactly as the
+        torch operator does; ``None`` keeps the weighting by samples.
         """
         from ._hessian import hessian
         from .twin import batch_from_torch, from_torch
@@ -209,10 +220,28 @@ class JaxBackend:
         else:
 
             def loss_fn(p: Any, batch: Any) -> Any:
-                inputs, targets = batch
+                inputs, targets = batch[0], batch[1]
                 return twin.loss(full(p), inputs, targets)
 
         options: dict[str, Any] = {}
+        if normalizers is not None and reduction != "sum":
+            # the torch loss's own normaliser of each batch (kept labels, class-weight sums)
+            # rides along as a per-sample column, so batches of one shape can still be
+            # stacked; the (mean) loss of batch b then enters with weight m_b / sum m
+            if len(normalizers) != len(jax_batches):
+                raise ValueError(
+                    f"twin_hessian: {len(normalizers)} normalizers for {len(jax_batches)} "
+                    "batches"
+                )
+            jax_batches = [
+                (*b, np.full(_num_samples(b[1]), m / max(_num_samples(b[1]), 1), np_dtype))
+                for b, m in zip(jax_batches, normalizers)
+            ]
+
+            def batch_normalizer(batch: Any) -> Any:
+                return batch[2].sum()
+
+            options["normalizer"] = batch_normalizer
         if any(not i.promoted for i in twin.islands):
             import inspect
 

@@ -27,6 +27,7 @@ __all__ = [
     "build_objective",
     "build_operator",
     "shared_parameters",
+    "batch_normalizers",
 ]
 
 METHODS = ("auto", "func", "autograd", "pyhessian")
@@ -197,6 +198,37 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | None:
         f"dtype must be a torch.dtype such as torch.float64 (or its name, 'float64'), got "
         f"{dtype!r}"
     )
+
+
+def batch_normalizers(
+    model: torch.nn.Module, loss_fn: Any, data: Any, *, dtype: torch.dtype | None = None
+) -> list[float] | None:
+    """What each batch's loss divides by, in the order of the batches, as the operators read
+    ``loss_fn`` (:class:`~torch_backend._data.Objective.scan`: kept labels, class-weight sums,
+    elements, samples); ``None`` for a loss that is a sum. One forward pass per batch.
+
+    The JAX twin weights its batches with these, so that both frameworks differentiate the
+    same whole-data-set loss.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X, y = torch.randn(4, 3), torch.tensor([0, -100, 1, 1])
+    >>> batch_normalizers(torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss(), [(X[:2], y[:2]),
+    ...                   (X[2:], y[2:])])
+    [1.0, 2.0]
+    """
+    reduction = resolve_reduction(loss_fn, None)
+    model = unwrap_ddp(model)
+    work, dtype_, device_, converted = prepare_model(model, _resolve_dtype(dtype), None)
+    layout, selected, fixed = select_params(work, None)
+    dataset = Dataset(data, reduction=reduction, dtype=dtype_, device=device_,
+                      convert=converted, check_deterministic=False)
+    objective = Objective(work, dataset, loss_fn=loss_fn)
+    objective.scan({**fixed, **selected})
+    if reduction == "sum":
+        return None
+    return list(dataset.normalizers)
 
 
 def _check_finite_parameters(params: dict, where: str) -> None:

@@ -38,6 +38,11 @@ class TorchBackend:
         options["dtype"] = torch_dtype(options.get("dtype"))
         return hessian(model, loss_fn, data, **options)
 
+    def normalizers(self, model: Any, loss_fn: Any, data: Any, *, dtype: Any) -> Any:
+        from ._hessian import batch_normalizers
+
+        return batch_normalizers(model, loss_fn, data, dtype=torch_dtype(dtype))
+
     def can_twin(self, model: Any) -> bool:
         return False  # no PyTorch twin of a Flax model (the JAX backend twins torch models)
 
