@@ -38,7 +38,7 @@ from dualhess._errors import UnsupportedOpError
 
 __all__ = ["ExportedGraph", "export_graph", "check_eval_mode", "model_in_dtype",
            "call_model", "source_of", "PRESERVED", "Float32Island", "find_float32_islands",
-           "promote_float32_islands", "fold_constants", "torch_callable"]
+           "promote_float32_islands", "fold_constants", "torch_callable", "KEPT"]
 
 #: Operators kept (not decomposed) when the full core-ATen decomposition fails.
 PRESERVED = (
@@ -338,19 +338,28 @@ class ExportedGraph:
     constant_nodes: frozenset[str] = frozenset()
 
 
-def _decompose(program: Any) -> tuple[Any, str]:
+#: Operators never decomposed: their core-ATen decomposition uses an operator the twin has
+#: no rule for (Swin's ``AdaptiveAvgPool1d`` on a transposed input became ``as_strided``).
+KEPT = ("aten.adaptive_avg_pool1d.default",)
+
+
+def _table(keep: tuple[str, ...]) -> Any:
     import torch
 
-    try:
-        return program.run_decompositions(), "core ATen"
-    except Exception:  # noqa: BLE001 - fall back to keeping higher-level operators
-        pass
     table = torch.export.default_decompositions()
-    for name in PRESERVED:
+    for name in keep:
         _, op, overload = name.split(".")
         table.pop(getattr(getattr(torch.ops.aten, op), overload), None)
+    return table
+
+
+def _decompose(program: Any) -> tuple[Any, str]:
     try:
-        return program.run_decompositions(table), "core ATen except " + ", ".join(PRESERVED)
+        return program.run_decompositions(_table(KEPT)), "core ATen"
+    except Exception:  # noqa: BLE001 - fall back to keeping higher-level operators
+        pass
+    try:
+        return program.run_decompositions(_table(KEPT + PRESERVED)), "core ATen except " + ", ".join(PRESERVED)
     except Exception:  # noqa: BLE001 - interpret the undecomposed graph
         return program, "not decomposed (torch.export's training IR)"
 
