@@ -310,50 +310,36 @@ def test_losses_doc_examples_run(index, tmp_path):
 
 # ---------------------------------------------------------------------- torch.distributed
 _WORKER = '''
-import json, sys
-import torch, torch.distributed as dist
+import torch
 import torch_backend as tb
-sys.path.insert(0, sys.argv[2])
+from _dist_launch import finish, init  # per-rank result, ordered teardown, os._exit (issue 23)
 from test_closure import TinyClassifier, _classification_data, own_loss
 
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+rank = init()
 X, y, _ = _classification_data()
 # uneven shards of dict batches: rank 0 holds 5 + 3 samples, rank 1 the other 5
 rows = [slice(0, 5), slice(5, 8)] if rank == 0 else [slice(8, 13)]
 shard = [{"features": X[r], "labels": y[r]} for r in rows]
 op = tb.hessian(TinyClassifier().double(), data=shard, closure=own_loss, method="func")
 v = torch.linspace(-1, 1, op.n, dtype=torch.float64)
-out = {"hv": op.matvec(v).tolist(), "loss": op.loss, "num_samples": op.num_samples}
-if rank == 0:
-    with open(sys.argv[1], "w") as fh:
-        json.dump(out, fh)
-# every rank waits for the others before tearing gloo down: a rank that exits while its peer
-# still holds open pairs aborts ("terminate called without an active exception")
-dist.barrier()
-dist.destroy_process_group()
+finish({"hv": op.matvec(v).tolist(), "loss": op.loss, "num_samples": op.num_samples})
 '''
 
 
 def test_closure_under_torch_distributed(tmp_path):
-    import json
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent
-    worker, out = tmp_path / "worker.py", tmp_path / "rank0.json"
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from _dist_launch import launch  # a file-store launch that cannot abort at exit (issue 23)
+
+    worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
-    paths = [str(here.parents[1]), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), str(out), str(here)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = json.loads(out.read_text())
+    ranks = launch(worker, workdir=tmp_path)
+    assert ranks[0] == ranks[1]  # every rank holds the whole-data-set product
+    got = ranks[0]
     X, y, pairs = _classification_data()
     batches = [{"features": xb, "labels": yb} for xb, yb in pairs]
     op = tb.hessian(TinyClassifier().to(DT), data=batches, closure=own_loss, method="func")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,22 +14,16 @@ import torch_backend as tb  # noqa: E402
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from _dist_launch import launch  # noqa: E402
 from _dist_worker import analyse, problem  # noqa: E402
 
 
 def test_two_ranks_equal_single_process(tmp_path):
-    out = tmp_path / "rank0.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "_dist_worker.py"), str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["same_on_every_rank"]
+    ranks = launch(HERE / "_dist_worker.py", workdir=tmp_path)
+    assert [r.pop("is_main_process") for r in ranks] == [True, False]
+    assert ranks[0] == ranks[1]  # the same numbers on every rank, bit for bit
     for reduction in ("mean", "sum"):
-        _compare(result[reduction], reduction)
+        _compare(ranks[0][reduction], reduction)
 
 
 def _compare(got, reduction):
