@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._array import default_rng
+from ._basis import check_basis
 from ._docs import fill_doc
 from ._lanczos import lanczos
 from ._results import SpectralDensity
@@ -89,6 +90,8 @@ def density(
     progress: bool = False,
     checkpoint: Any = None,
     checkpoint_every: int | None = None,
+    basis: str = "device",
+    basis_dir: Any = None,
 ) -> SpectralDensity:
     """Estimate the eigenvalue density of a symmetric operator (stochastic Lanczos quadrature).
 
@@ -125,6 +128,7 @@ def density(
     progress : bool
         Show a progress bar over the Lanczos steps.
     %(checkpoint)s
+    %(basis)s
 
     Returns
     -------
@@ -151,7 +155,7 @@ def density(
         op = check_operator(op, "density")
         settings = {"num_probes": num_probes, "num_steps": num_steps, "sigma": sigma, "num_grid": num_grid, "seed": seed, "reorthogonalize": reorthogonalize, "grid": None if grid is None else "given"}
         with checkpointed(op, checkpoint, checkpoint_every, "density", settings) as work:
-            return density(work, num_probes=num_probes, num_steps=num_steps, sigma=sigma, grid=grid, num_grid=num_grid, seed=seed, reorthogonalize=reorthogonalize, progress=progress)
+            return density(work, num_probes=num_probes, num_steps=num_steps, sigma=sigma, grid=grid, num_grid=num_grid, seed=seed, reorthogonalize=reorthogonalize, progress=progress, basis=basis, basis_dir=basis_dir)
     where = "density"
     op = check_operator(op, where)
     p = check_positive_int(num_probes, "num_probes", where)
@@ -167,11 +171,13 @@ def density(
     if grid is not None:
         grid = _check_grid(grid)
 
+    check_basis(basis, basis_dir, where)
     rng = default_rng(seed)
     start = op.asarray(_draw_probes(rng, op.n, p, "rademacher"))
     # lanczos draws the progress bar
     label = f"density ({p} probes x Lanczos)" if progress is True else progress
-    tri = lanczos(op, m, start=start, reorthogonalize=reorthogonalize, progress=label)
+    tri = lanczos(op, m, start=start, reorthogonalize=reorthogonalize, progress=label,
+                  basis=basis, basis_dir=basis_dir)
 
     nodes = np.zeros((p, m))
     weights = np.zeros((p, m))

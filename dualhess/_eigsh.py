@@ -29,19 +29,18 @@ import math
 import warnings
 from typing import Any
 
-import array_api_extra as xpx
 import numpy as np
 
 from ._array import (
     array_namespace,
     default_rng,
-    device,
     dtype_eps,
     on_host,
     safe_column_norms,
     safe_norm,
     to_numpy,
 )
+from ._basis import Basis, check_basis, make_basis
 from ._docs import fill_doc
 from ._errors import NotConvergedWarning
 from ._operator import Operator, OperatorError
@@ -53,6 +52,7 @@ from ._wrappers import HostOperator
 __all__ = ["eigsh", "NotConvergedWarning"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
+_CRITERIA = ("residual", "eigenvalue")
 
 #: Lanczos steps spent on a fresh random vector to look for missed eigenvalues.
 _CHECK_STEPS = 4
@@ -113,14 +113,17 @@ class _Krylov:
     couplings that make up the residuals of the Ritz pairs.
     """
 
-    def __init__(self, op: Operator, rng: np.random.Generator, eps: float, capacity: int) -> None:
+    def __init__(self, op: Operator, rng: np.random.Generator, eps: float, capacity: int,
+                 basis: str = "device", basis_dir: Any = None) -> None:
         self.op = op
         self.rng = rng
         self.eps = eps
-        # V is preallocated with ``capacity`` columns (zero beyond ``size``) so that every
-        # step runs on the same array shapes: jax compiles once per shape.
+        # The basis is allocated with ``capacity`` rows so that every step runs on the same
+        # array shapes (jax compiles once per shape) and nothing is copied as it grows.
         self.capacity = min(capacity, op.n)
-        self.V: Any = None
+        self.mode = basis
+        self.basis_dir = basis_dir
+        self.V: Basis | None = None
         self.xp: Any = None
         self.G = np.zeros((0, 0))
         self.expanded = np.zeros(0, dtype=bool)
@@ -138,36 +141,21 @@ class _Krylov:
     def num_expanded(self) -> int:
         return int(self.expanded.sum())
 
+    def close(self) -> None:
+        if self.V is not None:
+            self.V.close()
+
     def _orthogonalize(self, w: Any) -> tuple[Any, np.ndarray]:
         """Classical Gram-Schmidt twice ("twice is enough") against the whole basis."""
         if self.V is None:
             return w, np.zeros(0)
-        # numpy/torch: only the columns so far (a free view); jax: the whole fixed-shape
-        # basis (zero beyond size), so that eager jax compiles once per shape.
-        fixed = self.op.fixed_shapes
-        V = self.V if fixed else self.V[:, : self.size]
-        total = np.zeros(V.shape[1])
-        for _ in range(2):
-            # V^T w; on fixed shapes (jax on an accelerator) without forming V^T, which eager
-            # jax copies; numpy/torch BLAS is faster with the transposed view
-            h = w @ V if fixed else V.T @ w
-            w = w - V @ h
-            total += to_numpy(h).astype(np.float64)
-        return w, total[: self.size]
+        return self.V.orthogonalize(w)
 
     def _append(self, v: Any) -> None:
-        xp = self.xp
         if self.V is None:
-            self.V = xp.zeros((self.op.n, self.capacity), dtype=v.dtype, device=device(v))
-        if self.size == self.capacity:  # rare: each search for missed eigenvalues adds one
-            grow = min(4, self.op.n - self.capacity)
-            extra = xp.zeros((self.op.n, grow), dtype=v.dtype, device=device(v))
-            self.V = xp.concat([self.V, extra], axis=1)
-            self.capacity += grow
-        if self.op.fixed_shapes:
-            self.V = xpx.at(self.V)[:, self.size].set(v)
-        else:  # numpy/torch: in place (the basis is this object's own array)
-            self.V[:, self.size] = v
+            self.V = make_basis(self.mode, self.capacity, v, self.op.fixed_shapes,
+                                self.basis_dir)
+        self.V.append(v)  # rare growth: each search for missed eigenvalues adds one
         size = self.size + 1
         G = np.zeros((size, size))
         G[: size - 1, : size - 1] = self.G
@@ -212,14 +200,12 @@ class _Krylov:
         if len(U) < 2:
             return
         rotation, _ = np.linalg.qr(self.rng.standard_normal((len(U), len(U))))
-        M = np.eye(self.capacity)
-        M[np.ix_(U, U)] = rotation
-        self.V = self.V @ self.op.asarray(M)
+        self.V.combine_rows(U, rotation, U)  # only the unexpanded rows move
         self.G[U, :] = rotation.T @ self.G[U, :]
 
     def expand(self, j: int) -> None:
         """Apply the operator to column ``j`` and append the new orthonormal direction."""
-        self._absorb(j, self.op.matvec(self.V[:, j]))
+        self._absorb(j, self.op.matvec(self.V.row(j)))
 
     def expand_block(self, columns: np.ndarray) -> None:
         """Apply the operator to several columns in one ``matmat`` call (block Krylov).
@@ -232,7 +218,7 @@ class _Krylov:
             self.expand(int(columns[0]))
             return
         index = np.asarray(columns, dtype=np.int64)
-        W = self.op.matmat(self.V[:, index])
+        W = self.op.matmat(self.V.rows(index))
         for position, j in enumerate(index):
             self._absorb(int(j), W[:, position])
 
@@ -274,14 +260,19 @@ class _Krylov:
         return theta, Y, safe_column_norms(R)
 
     def restart(self, keep: np.ndarray, Y: np.ndarray, theta: np.ndarray) -> None:
-        """Keep the Ritz vectors ``V_E Y[:, keep]`` and every unexpanded direction."""
+        """Keep the Ritz vectors ``V_E Y[:, keep]`` and every unexpanded direction.
+
+        In place: the kept Ritz vectors overwrite the first rows of the basis and the
+        unexpanded directions move down behind them (no second copy of the basis).
+        """
         E = np.flatnonzero(self.expanded)
         U = np.flatnonzero(~self.expanded)
         kept, p = len(keep), len(U)
-        M = np.zeros((self.capacity, self.capacity))
+        M = np.zeros((self.size, kept + p))
         M[E, :kept] = Y[:, keep]
         M[U, np.arange(kept, kept + p)] = 1.0
-        self.V = self.V @ self.op.asarray(M)
+        self.V.combine_rows(np.arange(self.size), M, np.arange(kept + p))
+        self.V.truncate(kept + p)
         G = np.zeros((kept + p, kept + p))
         G[:kept, :kept] = np.diag(theta[keep])
         G[kept:, :kept] = self.G[np.ix_(U, E)] @ Y[:, keep]
@@ -290,20 +281,174 @@ class _Krylov:
 
     def vectors(self, Y: np.ndarray) -> Any:
         E = np.flatnonzero(self.expanded)
-        M = np.zeros((self.capacity, Y.shape[1]))
+        M = np.zeros((self.size, Y.shape[1]))
         M[E, :] = Y
-        return self.V @ self.op.asarray(M)
+        return self.V.combination(M)
 
 
-def _show_progress(bar: Any, residuals: np.ndarray, tol: float, scale: float, spent: int) -> None:
-    """Converged pairs, the worst relative residual and the products so far, on the bar."""
+def _show_progress(bar: Any, bounds: np.ndarray, tol: float, scale: float, spent: int) -> None:
+    """Converged pairs, the worst relative error (residual or error bound, as ``tol``
+    measures it) and the products so far, on the bar."""
     if bar.disable:
         return
-    relative = residuals / max(scale, np.finfo(np.float64).tiny)
+    relative = bounds / max(scale, np.finfo(np.float64).tiny)
     bar.n = int(np.sum(relative <= tol))
-    bar.set_postfix_str(f"worst residual {float(np.max(relative)):.1e} (tol {tol:.0e}), "
+    bar.set_postfix_str(f"worst error {float(np.max(relative)):.1e} (tol {tol:.0e}), "
                         f"{spent} products", refresh=False)
     bar.update(0)
+
+
+def error_bounds(theta: np.ndarray, residuals: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Bounds on ``|lambda - theta_i|`` for the Ritz pairs ``wanted``, from the residuals.
+
+    For a symmetric operator, a unit vector with Rayleigh quotient ``theta`` and residual
+    norm ``r`` has an eigenvalue ``lambda`` with ``|lambda - theta| <= r`` (Weyl / Krylov-
+    Bogolyubov), and ``|lambda - theta| <= r^2 / gap`` when ``gap`` is the distance from
+    ``theta`` to the rest of the spectrum (Kato-Temple; Parlett, *The Symmetric Eigenvalue
+    Problem*, Thm 11.7.1; Saad, *Numerical Methods for Large Eigenvalue Problems*, 2nd ed.,
+    Thm 3.9). The rest of the spectrum is estimated from the other Ritz values: each
+    ``theta_j`` has an eigenvalue within ``r_j``, so ``gap_i = min_j |theta_i - theta_j| -
+    r_j`` over ``j != i``. Where that gap is not positive, the bound is ``r``.
+    """
+    bounds = residuals[wanted].astype(np.float64).copy()
+    if len(theta) < 2:
+        return bounds
+    for position, i in enumerate(wanted):
+        others = np.arange(len(theta)) != i
+        gap = float(np.min(np.abs(theta[others] - theta[i]) - residuals[others]))
+        if gap > 0:
+            # r * (r / gap), not r**2 / gap: no overflow for operators scaled near 1e200
+            bounds[position] = min(bounds[position], residuals[i] * (residuals[i] / gap))
+    return bounds
+
+
+class _Rule:
+    """When a Ritz pair has converged, relative to the largest Ritz value in magnitude:
+    ``criterion="eigenvalue"``: its eigenvalue error bound within ``tol``;
+    ``criterion="residual"``: its residual within ``tol``; and, when given, its residual
+    within ``residual_tol``."""
+
+    def __init__(self, tol: float, residual_tol: float | None, criterion: str) -> None:
+        self.tol = tol
+        self.residual_tol = residual_tol
+        self.criterion = criterion
+
+    def error(self, bounds: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+        """What ``tol`` is compared with."""
+        return bounds if self.criterion == "eigenvalue" else residuals
+
+    def converged(self, bounds: np.ndarray, residuals: np.ndarray, scale: float) -> np.ndarray:
+        ok = self.error(bounds, residuals) <= self.tol * scale
+        if self.residual_tol is not None:
+            ok &= residuals <= self.residual_tol * scale
+        return ok
+
+    def floor(self, minimum: float) -> _Rule:
+        """The same rule with both tolerances raised to at least ``minimum``."""
+        residual = None if self.residual_tol is None else max(self.residual_tol, minimum)
+        return _Rule(max(self.tol, minimum), residual, self.criterion)
+
+
+class _ThickRestart:
+    """One eigsh run as named steps: assess, check for missed eigenvalues, restart, expand."""
+
+    def __init__(self, kry: _Krylov, k: int, which: str, rule: _Rule, m: int, b: int,
+                 budget: int, native: Operator, bar: Any) -> None:
+        self.kry, self.k, self.which, self.rule = kry, k, which, rule
+        self.m, self.b, self.budget, self.native, self.bar = m, b, budget, native, bar
+        self.keep_count = min(k + (m - k) // 2, m - b)
+        self.start_count = kry.op.num_matvecs
+        self.checking = False  # a check for missed eigenvalues is under way
+        self.check_steps = 0
+        self.snapshot: np.ndarray | None = None
+        self.exhausted = False
+
+    @property
+    def spent(self) -> int:
+        return self.kry.op.num_matvecs - self.start_count
+
+    def assess(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """Ritz values, coefficient vectors, residuals, the wanted indices and their error
+        bounds, and the scale (largest Ritz value in magnitude)."""
+        theta, Y, res = self.kry.ritz()
+        scale = float(np.max(np.abs(theta), initial=0.0))
+        wanted = _select(theta, self.k, self.which)
+        bounds = error_bounds(theta, res, wanted)
+        return theta, Y, res, wanted, bounds, scale
+
+    def converged_now(self) -> bool:
+        """True once the wanted pairs have converged and the check (below) found nothing."""
+        kry = self.kry
+        if kry.num_expanded < self.k:
+            return False
+        check_symmetric_products(self.native, kry.asymmetry, kry.scale, self.spent, "eigsh",
+                                 warn=False)
+        theta, _, res, wanted, bounds, scale = self.assess()
+        _show_progress(self.bar, self.rule.error(bounds, res[wanted]), self.rule.tol, scale,
+                       self.spent)
+        if not np.all(self.rule.converged(bounds, res[wanted], scale)):
+            return False
+        return self.check_for_missed(np.sort(theta[wanted]), scale)
+
+    def check_for_missed(self, values: np.ndarray, scale: float) -> bool:
+        """A Krylov space grown from one vector holds one copy of a repeated eigenvalue:
+        once the wanted pairs have converged, grow a short chain from a fresh random
+        direction (mixed into the unexpanded ones) and stop only if the wanted values did
+        not move by more than the tolerance. True when the run may stop."""
+        kry = self.kry
+        complete = kry.size >= kry.op.n
+        if self.checking and self.check_steps >= _CHECK_STEPS:
+            self.checking = False
+            unchanged = self.snapshot is not None and bool(
+                np.all(np.abs(values - self.snapshot) <= 2 * self.rule.tol * scale)
+            )
+            # When the basis spans the whole space, the directions not yet expanded may
+            # still hold wanted eigenvectors: expand them all.
+            if unchanged and (not complete or kry.num_expanded == kry.size):
+                return True
+        if self.checking:
+            return False
+        self.snapshot = values
+        if kry.add_random():
+            kry.mix_unexpanded()  # look for missed eigenvalues from a fresh direction
+        elif kry.num_expanded == kry.size:
+            return True  # complete and expanded: the Ritz pairs are exact
+        self.checking = True  # (when complete: expand what is left)
+        self.check_steps = 0
+        return False
+
+    def restart_if_full(self) -> None:
+        """Thick restart when the next block would not fit (b = 1: when ``m`` are expanded)."""
+        kry = self.kry
+        if kry.num_expanded + min(self.b, max(int(np.sum(~kry.expanded)), 1)) > self.m:
+            theta, Y, res = kry.ritz()
+            kry.restart(_select(theta, self.keep_count, self.which), Y, theta)
+
+    def expand(self) -> bool:
+        """Apply the operator to the next block of unexpanded directions; False when the
+        basis is complete and expanded (nothing is left to do)."""
+        kry = self.kry
+        unexpanded = np.flatnonzero(~kry.expanded)
+        if len(unexpanded) == 0:
+            if not kry.add_random():
+                return False  # complete basis: the Ritz pairs are exact to rounding
+            unexpanded = np.flatnonzero(~kry.expanded)
+        if self.checking and self.check_steps < _CHECK_STEPS:
+            columns = unexpanded[-self.b :]  # grow the check chain (last in, first out)
+            self.check_steps += 1
+        else:
+            columns = unexpanded[: self.b]  # first in, first out
+        kry.expand_block(columns[: max(1, self.budget - self.spent)])
+        return True
+
+    def run(self) -> None:
+        while not self.converged_now():
+            if self.spent >= self.budget:
+                self.exhausted = True
+                return
+            self.restart_if_full()
+            if not self.expand():
+                return
 
 
 @fill_doc
@@ -322,6 +467,10 @@ def eigsh(
     checkpoint_every: int | None = None,
     block_size: int = 1,
     v0: Any = None,
+    residual_tol: float | None = None,
+    criterion: str = "residual",
+    basis: str = "device",
+    basis_dir: Any = None,
 ) -> Eigen:
     """Find ``k`` extreme eigenpairs of a symmetric operator (thick-restart Lanczos).
 
@@ -337,13 +486,28 @@ def eigsh(
         magnitude, ``'BE'`` both ends: ``k // 2`` from the low end and the rest (one more
         when ``k`` is odd) from the high end, as in ARPACK.
     tol : float
-        A pair ``(lambda, v)`` has converged when ``||H v - lambda v|| <= tol * max|theta|``,
-        with ``max|theta|`` the largest Ritz value in magnitude (an estimate of ``||H||``).
+        What "converged" means depends on ``criterion``. ``"residual"`` (default): a pair
+        ``(lambda, v)`` has converged when ``||H v - lambda v|| <= tol * max|theta|``, with
+        ``max|theta|`` the largest Ritz value in magnitude (an estimate of ``||H||``).
+        ``"eigenvalue"``: when a bound on the eigenvalue error ``|lambda - theta|`` is at
+        most ``tol * max|theta|``: ``r^2 / gap`` (Kato-Temple) where the gap to the rest of
+        the spectrum is known from the other Ritz values, ``r`` otherwise (see
+        :func:`error_bounds`). A residual ``r`` gives an eigenvalue error near
+        ``r^2 / gap``, so the residual test spends products on digits the eigenvalues do
+        not need (``tol=1e-3`` delivered errors near 1e-5); what it buys is accurate
+        eigenvectors (angle ``~ r / gap``).
         ``tol`` is raised to ten times the machine epsilon of the operator's dtype. A
         bfloat16/float16 operator runs its Krylov work in float32 and stops once the residuals
         reach the unit roundoff of its products; its ``residuals`` are then recomputed with
         ``k`` fresh products and ``converged`` is judged on them against ``tol`` itself, so a
         ``tol`` below what 16-bit products support is reported as not converged.
+    criterion : {"residual", "eigenvalue"}
+        What ``tol`` bounds (above). ``"eigenvalue"`` is the error in the user's terms and
+        the fewest products; it is to become the default once every caller that needs
+        accurate eigenvectors passes ``residual_tol``.
+    residual_tol : float, optional
+        A pair has converged only when also ``||H v - lambda v|| <= residual_tol *
+        max|theta|`` (accurate eigenvectors with ``criterion="eigenvalue"``).
     max_matvecs : int, optional
         Budget of operator products (default ``100 * max_basis``). When it runs out the
         current pairs are returned with ``converged`` False where they have not converged,
@@ -378,6 +542,7 @@ def eigsh(
         and 187 calls against 615 on a spectrum with a 5-fold and a dense cluster. On a
         CPU a batch of products is not much cheaper per column, so ``b = 1`` is fastest
         there (digits CNN, top-5: 1.0 s at ``b = 1``, 4.2 s at ``b = 4``).
+    %(basis)s
 
     Returns
     -------
@@ -398,7 +563,10 @@ def eigsh(
 
     Notes
     -----
-    Each new Lanczos vector is orthogonalised twice against the whole basis, so there are
+    The error bound of ``criterion="eigenvalue"`` assumes a symmetric operator and that
+    the Ritz values see the spectrum near the wanted pairs (no eigenvalue hides between
+    them unseen); the check for missed eigenvalues guards the second. Each new Lanczos
+    vector is orthogonalised twice against the whole basis, so there are
     no spurious copies of converged eigenvalues. At a restart the ``k + (max_basis - k) // 2``
     best Ritz vectors are kept. Breakdown (an invariant subspace) continues from a random
     vector orthogonal to the basis. After convergence a few Lanczos steps from a fresh
@@ -408,6 +576,8 @@ def eigsh(
     ----------
     K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue
     problems", SIAM J. Matrix Anal. Appl. 22(2), 602-616 (2000).
+    B. N. Parlett, *The Symmetric Eigenvalue Problem*, SIAM (1998), Sec. 11.7 (the
+    Kato-Temple and gap bounds on Ritz values).
 
     Examples
     --------
@@ -428,10 +598,58 @@ def eigsh(
         settings = {"k": k, "which": which, "tol": tol, "max_matvecs": max_matvecs, "max_basis": max_basis, "seed": seed}
         if block_size != 1:
             settings["block_size"] = block_size
+        if residual_tol is not None:
+            settings["residual_tol"] = residual_tol
+        if criterion != "residual":
+            settings["criterion"] = criterion
         with checkpointed(op, checkpoint, checkpoint_every, "eigsh", settings) as work:
-            return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress, block_size=block_size, v0=v0)
+            return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress, block_size=block_size, v0=v0, residual_tol=residual_tol, criterion=criterion, basis=basis, basis_dir=basis_dir)
     op = check_operator(op, "eigsh")
-    n = op.n
+    m, b, budget = _check_sizes(op.n, k, which, block_size, max_basis, max_matvecs)
+    tol = check_tolerance(tol, "tol", "eigsh")
+    if residual_tol is not None:
+        residual_tol = check_tolerance(residual_tol, "residual_tol", "eigsh")
+    check_basis(basis, basis_dir, "eigsh")
+    if criterion not in _CRITERIA:
+        raise ValueError(f"eigsh: criterion must be one of {_CRITERIA}, got {criterion!r}")
+
+    # Rule per device: where the operator's arrays compile per shape (jax) but live in host
+    # memory (a CPU), the Krylov bookkeeping runs in numpy beside products that stay compiled
+    # (a copy of a vector is a memcpy there; eager jax compiled each bookkeeping op and ran
+    # it dispatch by dispatch). On an accelerator the fixed-shape basis stays on the device.
+    native = op
+    if op.fixed_shapes and on_host(op._like):
+        op = HostOperator(native)
+        if v0 is not None and not isinstance(v0, (np.ndarray, list, tuple)):
+            v0 = np.asarray(to_numpy(v0), dtype=np.float64)
+    eps = _eps(op)
+    claim = _Rule(tol, residual_tol, criterion).floor(10 * eps)
+    low = isinstance(native, WorkPrecisionOperator)
+    # The Krylov work of a 16-bit operator is float32; its products carry 16 bits. Iterate
+    # down to the products' unit roundoff at most (further steps only fit their rounding).
+    rule = claim.floor(native.product_eps / 2) if low else claim
+    kry = _Krylov(op, default_rng(seed), eps, capacity=m + 3 + b, basis=basis,
+                  basis_dir=basis_dir)
+    # The bar counts the wanted pairs that have converged, with the worst relative error
+    # bound and the products so far (the budget is a cap, not a measure of progress).
+    bar = progress_bar(progress, k, "eigsh", unit="pairs converged")
+    try:
+        for column in _start_columns(op, v0, b):
+            kry.add_vector(column)
+        while kry.size < b:
+            kry.add_random()
+        solver = _ThickRestart(kry, k, which, rule, m, b, budget, native, bar)
+        solver.run()
+        bar.close()
+        return _finish(solver, native, op, claim, return_vectors, low, tol)
+    finally:
+        bar.close()
+        kry.close()
+
+
+def _check_sizes(n: int, k: Any, which: Any, block_size: Any, max_basis: Any,
+                 max_matvecs: Any) -> tuple[int, int, int]:
+    """Validate the sizes; returns the basis size ``m``, block size ``b`` and product budget."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"eigsh: k must be an int, got {type(k).__name__}")
     if k <= 0:
@@ -443,7 +661,6 @@ def eigsh(
         )
     if which not in _WHICH:
         raise ValueError(f"eigsh: which must be one of {_WHICH}, got {which!r}")
-    tol = check_tolerance(tol, "tol", "eigsh")
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise TypeError(f"eigsh: block_size must be an int, got {type(block_size).__name__}")
     if block_size < 1:
@@ -463,113 +680,30 @@ def eigsh(
             )
         m = min(int(max_basis), n)
     if max_matvecs is None:
-        budget = 100 * m
-    else:
-        if isinstance(max_matvecs, bool) or not isinstance(max_matvecs, (int, np.integer)):
-            raise TypeError(
-                f"eigsh: max_matvecs must be an int, got {type(max_matvecs).__name__}"
-            )
-        if max_matvecs < k:
-            raise ValueError(f"eigsh: max_matvecs must be >= k (got {max_matvecs}, k={k})")
-        budget = int(max_matvecs)
+        return m, b, 100 * m
+    if isinstance(max_matvecs, bool) or not isinstance(max_matvecs, (int, np.integer)):
+        raise TypeError(f"eigsh: max_matvecs must be an int, got {type(max_matvecs).__name__}")
+    if max_matvecs < k:
+        raise ValueError(f"eigsh: max_matvecs must be >= k (got {max_matvecs}, k={k})")
+    return m, b, int(max_matvecs)
 
-    # Rule per device: where the operator's arrays compile per shape (jax) but live in host
-    # memory (a CPU), the Krylov bookkeeping runs in numpy beside products that stay compiled
-    # (a copy of a vector is a memcpy there; eager jax compiled each bookkeeping op and ran
-    # it dispatch by dispatch). On an accelerator the fixed-shape basis stays on the device.
-    native = op
-    if op.fixed_shapes and on_host(op._like):
-        op = HostOperator(native)
-        if v0 is not None and not isinstance(v0, (np.ndarray, list, tuple)):
-            v0 = np.asarray(to_numpy(v0), dtype=np.float64)
-    eps = _eps(op)
-    tol_eff = max(tol, 10 * eps)
-    low = isinstance(native, WorkPrecisionOperator)
-    tol_claim = tol_eff
-    if low:
-        # The Krylov work is float32; the products carry 16 bits. Iterate down to the
-        # products' unit roundoff at most (further steps only fit their rounding noise).
-        tol_eff = max(tol_eff, native.product_eps / 2)
-    keep_count = min(k + (m - k) // 2, m - b)
-    start_count = op.num_matvecs
-    kry = _Krylov(op, default_rng(seed), eps, capacity=m + 3 + b)
-    for column in _start_columns(op, v0, b):
-        kry.add_vector(column)
-    while kry.size < b:
-        kry.add_random()
 
-    checking = False  # a check for missed eigenvalues is under way
-    check_steps = 0
-    snapshot: np.ndarray | None = None
-    exhausted = False
+def _with(values: np.ndarray, index: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """A copy of ``values`` with ``values[index] = new``."""
+    out = values.copy()
+    out[index] = new
+    return out
 
-    # The bar counts the wanted pairs that have converged, with the worst relative residual
-    # and the products so far (the budget is a cap, not a measure of progress).
-    bar = progress_bar(progress, k, "eigsh", unit="pairs converged")
-    try:
-        while True:
-            ne = kry.num_expanded
-            done = False
-            if ne >= k:
-                check_symmetric_products(native, kry.asymmetry, kry.scale,
-                                         op.num_matvecs - start_count, "eigsh", warn=False)
-                theta, Y, res = kry.ritz()
-                scale = float(np.max(np.abs(theta), initial=0.0))
-                wanted = _select(theta, k, which)
-                _show_progress(bar, res[wanted], tol_eff, scale, op.num_matvecs - start_count)
-                if np.all(res[wanted] <= tol_eff * scale):
-                    values = np.sort(theta[wanted])
-                    complete = kry.size >= n
-                    if checking and check_steps >= _CHECK_STEPS:
-                        checking = False
-                        unchanged = snapshot is not None and bool(
-                            np.all(np.abs(values - snapshot) <= 2 * tol_eff * scale)
-                        )
-                        # When the basis spans the whole space, the directions not yet
-                        # expanded may still hold wanted eigenvectors: expand them all.
-                        done = unchanged and (not complete or kry.num_expanded == kry.size)
-                    if not done and not checking:
-                        snapshot = values
-                        if kry.add_random():
-                            # Look for missed eigenvalues from a fresh random direction.
-                            kry.mix_unexpanded()
-                            checking = True
-                            check_steps = 0
-                        elif kry.num_expanded == kry.size:
-                            done = True  # complete and expanded: the Ritz pairs are exact
-                        else:
-                            checking = True  # complete: expand what is left
-                            check_steps = 0
-            if done:
-                break
-            if op.num_matvecs - start_count >= budget:
-                exhausted = True
-                break
-            # Restart when the next block would not fit (b = 1: when ne reaches m).
-            if ne + min(b, max(int(np.sum(~kry.expanded)), 1)) > m:
-                theta, Y, res = kry.ritz()
-                kry.restart(_select(theta, keep_count, which), Y, theta)
-            unexpanded = np.flatnonzero(~kry.expanded)
-            if len(unexpanded) == 0:
-                if not kry.add_random():
-                    break  # complete basis: the Ritz pairs are exact to rounding
-                unexpanded = np.flatnonzero(~kry.expanded)
-            if checking and check_steps < _CHECK_STEPS:
-                columns = unexpanded[-b:]  # grow the check chain (last in, first out)
-                check_steps += 1
-            else:
-                columns = unexpanded[:b]  # first in, first out
-            left = budget - (op.num_matvecs - start_count)
-            kry.expand_block(columns[: max(1, left)])
-    finally:
-        bar.close()
 
+def _finish(solver: _ThickRestart, native: Operator, op: Operator, claim: _Rule,
+            return_vectors: bool, low: bool, tol: float) -> Eigen:
+    """The result: wanted pairs, their residuals, what converged, and the warning if not."""
+    kry, k, which = solver.kry, solver.k, solver.which
+    exhausted, start_count = solver.exhausted, solver.start_count
     # A wrong spectrum must never look converged: a non-symmetric operator is refused.
     asymmetry = check_symmetric_products(native, kry.asymmetry, kry.scale,
                                          op.num_matvecs - start_count, "eigsh")
-    theta, Y, res = kry.ritz()
-    scale = float(np.max(np.abs(theta), initial=0.0))
-    wanted = _select(theta, k, which)
+    theta, Y, res, wanted, bounds, scale = solver.assess()
     residuals = res[wanted].copy()
     vectors = kry.vectors(Y[:, wanted]) if return_vectors or low else None
     if low:
@@ -578,15 +712,14 @@ def eigsh(
         # the residuals the arithmetic supports, and convergence is judged on those against
         # the tolerance asked for (never the 16-bit floor it was stopped at).
         residuals = np.maximum(residuals, recomputed_residuals(op, vectors, theta[wanted]))
-        converged = residuals <= tol_claim * scale
-    else:
-        converged = residuals <= tol_eff * scale
-    if asymmetry > tol_eff:  # products less precise than their dtype: no claim beyond that
+        bounds = np.maximum(bounds, error_bounds(theta, _with(res, wanted, residuals), wanted))
+    converged = claim.converged(bounds, residuals, scale)
+    if asymmetry > claim.tol:  # products less precise than their dtype: no claim beyond that
         converged = np.zeros_like(converged, dtype=bool)
     if not np.all(converged):
         reason = "max_matvecs" if exhausted else "the basis"
         advice = "raise max_matvecs or max_basis, or loosen tol"
-        if asymmetry > tol_eff:
+        if asymmetry > claim.tol:
             reason = f"the products' precision (symmetric only to {asymmetry:.1e})"
             advice = "loosen tol, or compute the whole model in float64"
         if low and not exhausted:
@@ -602,7 +735,7 @@ def eigsh(
             f"eigsh: {int(np.sum(~converged))} of {k} eigenpairs did not reach tol={tol:g} "
             f"within {reason} ({op.num_matvecs - start_count} products); {advice}",
             NotConvergedWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return Eigen(
         values=theta[wanted].copy(),

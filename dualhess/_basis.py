@@ -1,0 +1,409 @@
+"""Where Krylov vectors live: on the device, in host memory, or in a file on disk.
+
+:func:`~dualhess.eigsh`, :func:`~dualhess.lanczos` and :func:`~dualhess.density` keep
+their Lanczos vectors in a :class:`Basis` and touch them only through its few operations:
+append a vector, orthogonalise a vector against the basis (classical Gram-Schmidt twice,
+"twice is enough"), read a few vectors back for a product, and replace rows by linear
+combinations of rows (a thick restart, or the Ritz vectors returned to the caller).
+Operators never see the basis.
+
+The vectors are the rows of an ``(capacity, n)`` array, so each vector is contiguous (one
+row of memory, or one stretch of a file).
+
+- ``"device"`` (:class:`DeviceBasis`): a native array where the operator's vectors live
+  (numpy, torch on CPU/GPU, jax). The default and the fastest.
+- ``"host"`` (:class:`HostBasis`): a numpy array in host memory. The vector being
+  orthogonalised is copied to the host, orthogonalised there (numpy BLAS) and copied back:
+  the device holds O(1) vectors of length ``n`` whatever the basis size.
+- ``"disk"`` (:class:`DiskBasis`): a ``numpy.memmap`` file in a temporary directory (or
+  ``basis_dir``), removed when the work ends. Rows are mapped a block at a time (at most
+  one vector's worth of memory) and unmapped after use, so the resident memory of the
+  process grows by about one vector, not by the basis.
+
+Every mode does the same arithmetic in the same order (the host and disk modes in numpy,
+the device mode in the vectors' framework), so the results agree to rounding.
+
+Examples
+--------
+>>> import numpy as np
+>>> from dualhess._basis import make_basis
+>>> basis = make_basis("host", capacity=3, like=np.zeros(4))
+>>> basis.append(np.array([1.0, 0.0, 0.0, 0.0]))
+>>> w, h = basis.orthogonalize(np.array([2.0, 1.0, 0.0, 0.0]))
+>>> w, h
+(array([0., 1., 0., 0.]), array([2.]))
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from ._array import array_namespace, device, from_numpy, to_numpy
+from ._docs import DOCS
+
+__all__ = ["BASIS_MODES", "Basis", "DeviceBasis", "HostBasis", "DiskBasis", "make_basis",
+           "check_basis"]
+
+BASIS_MODES = ("device", "host", "disk")
+
+DOCS["basis"] = """\
+basis : {"device", "host", "disk"}
+    Where the Lanczos vectors are kept (:mod:`dualhess._basis`). ``"device"`` (default):
+    beside the operator's vectors, the fastest. ``"host"``: in host memory (numpy); each
+    new vector is orthogonalised on the host, so the device holds O(1) vectors of length
+    ``n`` whatever the basis size. ``"disk"``: in a ``numpy.memmap`` file in a temporary
+    directory (removed afterwards), mapped a block of at most about one vector at a time,
+    so the process's resident memory grows by about one vector, not by the basis. The
+    results agree with ``"device"`` to rounding (1e-12 in float64).
+basis_dir : str or path, optional
+    The directory of the ``"disk"`` basis file (default: the system's temporary
+    directory)."""
+
+#: Bytes of basis rows a host or disk basis works on at once (one block is at most this,
+#: or one row when a row is larger).
+_BLOCK_BYTES = 1 << 22
+
+
+def check_basis(basis: Any, basis_dir: Any, where: str) -> str:
+    """Validate ``basis`` / ``basis_dir`` arguments; returns the mode."""
+    if basis not in BASIS_MODES:
+        raise ValueError(f"{where}: basis must be one of {BASIS_MODES}, got {basis!r}")
+    if basis_dir is not None:
+        if basis != "disk":
+            raise ValueError(f"{where}: basis_dir is the folder of basis='disk'; got basis={basis!r}")
+        if not os.path.isdir(basis_dir):
+            raise ValueError(f"{where}: basis_dir={str(basis_dir)!r} is not an existing directory")
+    return basis
+
+
+class Basis:
+    """Rows ``0 .. size-1`` of a ``(capacity, n)`` array of orthonormal vectors.
+
+    ``like`` is a native vector of the operator: new vectors and vectors read back have its
+    namespace, dtype and device.
+    """
+
+    def __init__(self, capacity: int, like: Any, fixed_shapes: bool = False) -> None:
+        self.capacity = int(capacity)
+        self.n = int(like.shape[0])
+        self.like = like
+        self.xp = array_namespace(like)
+        self.fixed_shapes = fixed_shapes
+        self.size = 0
+
+    # -- what every mode provides ---------------------------------------------------------
+    def append(self, v: Any) -> None:
+        """Store the native vector ``v`` as row ``size``."""
+        if self.size == self.capacity:
+            self._grow(max(4, self.capacity // 4))
+        self._set_row(self.size, v)
+        self.size += 1
+
+    def orthogonalize(self, w: Any, passes: int = 2) -> tuple[Any, np.ndarray]:
+        """``w`` minus its projection on the basis, ``passes`` times (classical Gram-Schmidt,
+        twice is enough); returns the new ``w`` and the summed coefficients (numpy)."""
+        raise NotImplementedError
+
+    def rows(self, index: Any) -> Any:
+        """Rows ``index`` as the columns of a native ``(n, len(index))`` array."""
+        raise NotImplementedError
+
+    def row(self, j: int) -> Any:
+        """Row ``j`` as a native vector."""
+        return self.rows([j])[:, 0]
+
+    def combine_rows(self, source: np.ndarray, M: np.ndarray, target: np.ndarray) -> None:
+        """Rows ``target`` <- ``M^T`` rows ``source``, in place (all sources read first)."""
+        raise NotImplementedError
+
+    def combination(self, M: np.ndarray) -> Any:
+        """``V[:size]^T M`` as a native ``(n, M.shape[1])`` array (the basis is unchanged)."""
+        raise NotImplementedError
+
+    def truncate(self, size: int) -> None:
+        self.size = int(size)
+
+    def close(self) -> None:
+        """Release the storage (a disk basis removes its file)."""
+
+    def __enter__(self) -> Basis:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- storage ----------------------------------------------------------------------------
+    def _set_row(self, i: int, v: Any) -> None:
+        raise NotImplementedError
+
+    def _grow(self, extra: int) -> None:
+        raise NotImplementedError
+
+
+class DeviceBasis(Basis):
+    """The basis as a native array beside the operator's vectors (today's behaviour)."""
+
+    def __init__(self, capacity: int, like: Any, fixed_shapes: bool = False) -> None:
+        super().__init__(capacity, like, fixed_shapes)
+        xp = self.xp
+        # jax (fixed shapes): the whole basis takes part in every step, zero beyond size,
+        # so that eager jax compiles once per shape. numpy/torch touch only rows < size:
+        # no need to write zeros (torch.zeros would write capacity x n numbers).
+        make = xp.zeros if fixed_shapes else xp.empty
+        self.V = make((self.capacity, self.n), dtype=like.dtype, device=device(like))
+
+    def _live(self) -> Any:
+        return self.V if self.fixed_shapes else self.V[: self.size]
+
+    def _set_row(self, i: int, v: Any) -> None:
+        if self.fixed_shapes:
+            import array_api_extra as xpx
+
+            self.V = xpx.at(self.V)[i, :].set(v)
+        else:  # numpy/torch: in place (the basis is this object's own array)
+            self.V[i, :] = v
+
+    def _grow(self, extra: int) -> None:
+        xp = self.xp
+        zeros = xp.zeros((extra, self.n), dtype=self.V.dtype, device=device(self.V))
+        self.V = xp.concat([self.V, zeros], axis=0)
+        self.capacity += extra
+
+    def orthogonalize(self, w: Any, passes: int = 2) -> tuple[Any, np.ndarray]:
+        if self.size == 0:
+            return w, np.zeros(0)
+        V = self._live()
+        total = np.zeros(V.shape[0])
+        for _ in range(passes):
+            h = V @ w
+            w = w - h @ V
+            total += to_numpy(h).astype(np.float64)
+        return w, total[: self.size]
+
+    def rows(self, index: Any) -> Any:
+        xp = self.xp
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) == 1:
+            return xp.reshape(self.V[int(index[0]), :], (-1, 1))
+        return xp.permute_dims(xp.take(self.V, xp.asarray(index, device=device(self.V)), axis=0),
+                               (1, 0))
+
+    def row(self, j: int) -> Any:
+        return self.V[j, :]
+
+    def combine_rows(self, source: np.ndarray, M: np.ndarray, target: np.ndarray) -> None:
+        source = np.asarray(source, dtype=np.int64)
+        target = np.asarray(target, dtype=np.int64)
+        if len(source) == 0 or len(target) == 0:
+            return
+        if self.fixed_shapes:  # jax: a new array either way, on fixed shapes
+            full = np.eye(self.capacity)
+            full[:, target] = 0.0
+            full[np.ix_(source, target)] = M
+            self.V = self._cast(full.T) @ self.V
+            return
+        Mt = self._cast(M.T)
+        src, tgt = self._index(source), self._index(target)
+        # In column blocks of about one vector of temporary memory: never a second copy
+        # of the basis (a restart at n = 1e6 would otherwise allocate the whole basis).
+        width = max(min(self.n, 4096), self.n // len(source))
+        for start in range(0, self.n, width):
+            stop = min(self.n, start + width)
+            self.V[tgt, start:stop] = Mt @ self.V[src, start:stop]
+
+    def truncate(self, size: int) -> None:
+        if self.fixed_shapes and size < self.capacity:  # rows beyond size must read as zero
+            keep = np.arange(self.capacity) < size
+            self.V = self.V * self._cast(keep.astype(np.float64))[:, None]
+        self.size = int(size)
+
+    def _index(self, index: np.ndarray) -> Any:
+        if isinstance(self.V, np.ndarray):
+            return index
+        return self.xp.asarray(index, device=device(self.V))
+
+    def combination(self, M: np.ndarray) -> Any:
+        xp = self.xp
+        V = self.V[: M.shape[0]] if not self.fixed_shapes else self.V
+        if self.fixed_shapes and M.shape[0] < self.capacity:
+            M = np.vstack([M, np.zeros((self.capacity - M.shape[0], M.shape[1]))])
+        return xp.permute_dims(V, (1, 0)) @ self._cast(M)
+
+    def _cast(self, M: np.ndarray) -> Any:
+        return from_numpy(np.ascontiguousarray(M), self.like)
+
+
+def _is_torch(x: Any) -> bool:
+    return hasattr(x, "detach")
+
+
+class HostBasis(Basis):
+    """The basis in host memory (numpy); vectors cross to the host to be orthogonalised."""
+
+    def __init__(self, capacity: int, like: Any, fixed_shapes: bool = False) -> None:
+        super().__init__(capacity, like, fixed_shapes)
+        self.host_dtype = _host_dtype(like)
+        self._allocate()
+
+    # storage hooks (a disk basis maps a file instead)
+    def _allocate(self) -> None:
+        self.V = np.empty((self.capacity, self.n), dtype=self.host_dtype)
+
+    def _read(self, start: int, stop: int, columns: slice | None = None) -> np.ndarray:
+        return self.V[start:stop] if columns is None else self.V[start:stop, columns]
+
+    def _write(self, start: int, block: np.ndarray, columns: slice | None = None) -> None:
+        if columns is None:
+            self.V[start : start + block.shape[0]] = block
+        else:
+            self.V[start : start + block.shape[0], columns] = block
+
+    def _release(self) -> None:
+        """Drop mapped pages (the disk basis); nothing for memory."""
+
+    def _grow(self, extra: int) -> None:
+        V = np.empty((self.capacity + extra, self.n), dtype=self.host_dtype)
+        V[: self.capacity] = self.V
+        self.V = V
+        self.capacity += extra
+
+    # the shared arithmetic
+    def _row_blocks(self, count: int) -> list[tuple[int, int]]:
+        rows = max(1, _BLOCK_BYTES // max(1, self.n * self.host_dtype.itemsize))
+        return [(s, min(count, s + rows)) for s in range(0, count, rows)]
+
+    def _column_width(self, rows: int) -> int:
+        return max(1, min(self.n, _BLOCK_BYTES // max(1, rows * self.host_dtype.itemsize)))
+
+    def _set_row(self, i: int, v: Any) -> None:
+        self._write(i, np.asarray(to_numpy(v), dtype=self.host_dtype).reshape(1, -1))
+        self._release()
+
+    def orthogonalize(self, w: Any, passes: int = 2) -> tuple[Any, np.ndarray]:
+        if self.size == 0:
+            return w, np.zeros(0)
+        x = np.array(to_numpy(w), dtype=self.host_dtype)  # one vector to the host
+        total = np.zeros(self.size)
+        blocks = self._row_blocks(self.size)
+        for _ in range(passes):
+            h = np.empty(self.size, dtype=self.host_dtype)
+            for start, stop in blocks:  # h = V x
+                h[start:stop] = self._read(start, stop) @ x
+                self._release()
+            for start, stop in blocks:  # x -= V^T h
+                x -= h[start:stop] @ self._read(start, stop)
+                self._release()
+            total += h.astype(np.float64)
+        return from_numpy(x, self.like), total
+
+    def rows(self, index: Any) -> Any:
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((self.n, len(index)), dtype=self.host_dtype)
+        for position, j in enumerate(index):
+            out[:, position] = self._read(int(j), int(j) + 1)[0]
+            self._release()
+        return from_numpy(out, self.like)
+
+    def combine_rows(self, source: np.ndarray, M: np.ndarray, target: np.ndarray) -> None:
+        source, target = np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64)
+        if len(source) == 0 or len(target) == 0:
+            return
+        low, high = int(min(source.min(), target.min())), int(max(source.max(), target.max())) + 1
+        Mt = M.T.astype(self.host_dtype)
+        width = self._column_width(high - low)
+        for start in range(0, self.n, width):
+            columns = slice(start, min(self.n, start + width))
+            block = np.array(self._read(low, high, columns))  # rows low..high, these columns
+            block[target - low] = Mt @ block[source - low]
+            self._write(low, block, columns)
+            self._release()
+
+    def combination(self, M: np.ndarray) -> Any:
+        out = np.zeros((self.n, M.shape[1]), dtype=self.host_dtype)
+        Mh = M.astype(self.host_dtype)
+        for start, stop in self._row_blocks(M.shape[0]):
+            out += self._read(start, stop).T @ Mh[start:stop]
+            self._release()
+        return from_numpy(out, self.like)
+
+
+class DiskBasis(HostBasis):
+    """The basis in a ``numpy.memmap`` file, mapped one block at a time and removed at close."""
+
+    def __init__(self, capacity: int, like: Any, fixed_shapes: bool = False,
+                 directory: Any = None) -> None:
+        self._folder = tempfile.mkdtemp(prefix="dualhess-basis-", dir=directory)
+        self.path = os.path.join(self._folder, "basis.f")
+        self._maps: list[np.memmap] = []
+        super().__init__(capacity, like, fixed_shapes)
+
+    def _allocate(self) -> None:
+        with open(self.path, "wb") as f:  # a sparse file: no disk written until rows are
+            f.truncate(self.capacity * self.n * self.host_dtype.itemsize)
+
+    def _map(self, start: int, stop: int, mode: str) -> np.memmap:
+        row = self.n * self.host_dtype.itemsize
+        mapped = np.memmap(self.path, dtype=self.host_dtype, mode=mode, offset=start * row,
+                           shape=(stop - start, self.n))
+        self._maps.append(mapped)
+        return mapped
+
+    def _read(self, start: int, stop: int, columns: slice | None = None) -> np.ndarray:
+        mapped = self._map(start, stop, "r")
+        return mapped if columns is None else mapped[:, columns]
+
+    def _write(self, start: int, block: np.ndarray, columns: slice | None = None) -> None:
+        mapped = self._map(start, start + block.shape[0], "r+")
+        if columns is None:
+            mapped[:] = block
+        else:
+            mapped[:, columns] = block
+
+    def _release(self) -> None:
+        # Unmapping drops the pages from this process's resident memory (they stay in the
+        # kernel's page cache, which the kernel reclaims as it needs).
+        for mapped in self._maps:
+            mm = getattr(mapped, "_mmap", None)
+            if mm is not None and not mm.closed:
+                if mapped.mode != "r":
+                    mm.flush()
+        self._maps.clear()
+
+    def _grow(self, extra: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate((self.capacity + extra) * self.n * self.host_dtype.itemsize)
+        self.capacity += extra
+
+    def close(self) -> None:
+        self._release()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __del__(self) -> None:  # a basis dropped without close still removes its file
+        folder = getattr(self, "_folder", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _host_dtype(like: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(to_numpy(like[:0]).dtype)
+    except TypeError:
+        dtype = np.dtype(np.float32)
+    return dtype if dtype in (np.float64, np.float32) else np.dtype(np.float32)
+
+
+def make_basis(mode: str, capacity: int, like: Any, fixed_shapes: bool = False,
+               directory: Any = None) -> Basis:
+    """A basis of ``capacity`` vectors like the native vector ``like``, kept as ``mode``."""
+    if mode == "device":
+        return DeviceBasis(capacity, like, fixed_shapes)
+    if mode == "host":
+        return HostBasis(capacity, like, fixed_shapes)
+    if mode == "disk":
+        return DiskBasis(capacity, like, fixed_shapes, directory)
+    raise ValueError(f"basis must be one of {BASIS_MODES}, got {mode!r}")
