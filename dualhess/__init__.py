@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ._alignment import Alignment
 from ._crosscheck import CrosscheckReport, crosscheck
+from ._demo import hf_problem
 from ._density import density
 from ._diagonal import diagonal
 from ._eigsh import eigsh
@@ -76,6 +77,7 @@ __all__ = [
     "crosscheck",
     "crosscheck_model",
     "hessian",
+    "hf_problem",
     "get_backend",
     "available_backends",
     # results

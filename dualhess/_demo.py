@@ -66,3 +66,33 @@ def demo_problem(
             "your own model: dualhess analyze FILE.py",
             name="sklearn",
         ) from None
+
+
+def hf_problem(name_or_dir: Any, **options: Any) -> Any:
+    """A Hugging Face causal LM by name or directory, ready for any entry point.
+
+    Loads the model and tokenizer (``from_pretrained``: a local directory, or a name in the
+    local cache), packs the text into sequences (the last one padded, its labels -100) and
+    builds the causal-LM loss with every kept token weighted equally across batches.
+
+    Parameters
+    ----------
+    name_or_dir : str or Path
+    **options
+        ``text=`` / ``text_file=`` / ``dataset="NAME[:CONFIG][:SPLIT]"`` (exactly one),
+        ``seq_len=128``, ``batch_size=2``, ``num_batches=2``, ``dtype="float64"``.
+
+    Returns
+    -------
+    HFProblem
+        ``.model``, ``.tokenizer``, ``.loss_fn``, ``.data``, ``.info``.
+
+    Examples
+    --------
+    >>> problem = dualhess.hf_problem("tiny-gpt2/", text_file="corpus.txt")  # doctest: +SKIP
+    >>> op = dualhess.hessian(problem.model, problem.loss_fn, problem.data)  # doctest: +SKIP
+    >>> dualhess.eigsh(op, k=1).values  # doctest: +SKIP
+    """
+    from .backends import get_backend
+
+    return get_backend("torch").hf_problem(name_or_dir, **options)

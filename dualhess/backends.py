@@ -109,6 +109,11 @@ class Backend(Protocol):
         """``(model, loss_fn, data, info)`` of ``dualhess analyze``'s embedded default."""
         ...
 
+    def hf_problem(self, name_or_dir: Any, **options: Any) -> Any:
+        """A Hugging Face model by name or directory with its tokenizer, packed text and
+        loss (``.model``, ``.loss_fn``, ``.data``, ``.info``): ``dualhess analyze --hf``."""
+        ...
+
 
 
 def backend_distributions() -> tuple[str, ...]:

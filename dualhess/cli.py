@@ -166,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("file", nargs="?", default=None, metavar="FILE.py",
                     help="a Python file defining model(), loss() and data() (see below); "
                     "default: the embedded digits CNN")
+    hf = an.add_argument_group(
+        "a Hugging Face causal language model by name (instead of FILE.py)")
+    hf.add_argument("--hf", default=None, metavar="NAME_OR_DIR",
+                    help="a model directory (save_pretrained, with its tokenizer) or a name in "
+                    "the local Hugging Face cache; analysed with its causal-LM loss over "
+                    "--text or --dataset, every kept token weighted equally across batches")
+    hf.add_argument("--text", default=None, metavar="FILE",
+                    help="a UTF-8 text file, tokenised and packed into sequences")
+    hf.add_argument("--dataset", default=None, metavar="NAME[:CONFIG][:SPLIT]",
+                    help="a datasets-library data set's 'text' column (local files and the "
+                    "local cache work offline; split 'train' by default)")
+    hf.add_argument("--seq-len", type=_positive_int, default=128, metavar="L",
+                    help="tokens per sequence (default 128)")
+    hf.add_argument("--batch-size", type=_positive_int, default=2, metavar="B",
+                    help="sequences per batch (default 2)")
+    hf.add_argument("--num-batches", type=_positive_int, default=2, metavar="NB",
+                    help="batches of the text to analyse (default 2)")
     an.add_argument("--framework", choices=("torch", "jax", "both"), default=None,
                     help="which frameworks compute: torch, jax, or both (crosschecked). "
                     "Default: both for a PyTorch model, jax for a Flax model")
@@ -371,6 +388,22 @@ def _show_progress(quiet: bool) -> bool:
     return not quiet and bool(isatty and isatty())
 
 
+def _check_hf_arguments(args: argparse.Namespace) -> None:
+    """--hf takes exactly one of --text and --dataset, and no FILE; the text options need
+    --hf. Checked before any work."""
+    if args.hf is None:
+        if args.text is not None or args.dataset is not None:
+            raise CommandLineError("--text and --dataset go with --hf NAME_OR_DIR (a Hugging "
+                                   "Face model); a model file brings its own data()")
+        return
+    if args.file is not None:
+        raise CommandLineError(f"pass either FILE.py ({args.file}) or --hf {args.hf}, not both")
+    if (args.text is None) == (args.dataset is None):
+        raise CommandLineError("--hf needs exactly one of --text FILE and --dataset NAME")
+    if args.text is not None and not Path(args.text).is_file():
+        raise CommandLineError(f"--text {args.text}: no such file")
+
+
 def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from ._analysis import AnalysisSettings, analyze, package_versions
     from ._report import SCHEMA_VERSION, format_table, write_report
@@ -378,6 +411,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Every argument is checked before the (long) analysis: a bad --out used to fail only
     # when the report was written, losing the whole analysis.
     check_out_dir(args.out)
+    _check_hf_arguments(args)
     settings = AnalysisSettings(
         framework=args.framework,
         top_k=args.top_k,
@@ -407,11 +441,21 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if settings.progress:
         # On a terminal, a first line at once: importing the frameworks and training the
         # demo take seconds before the first stage begins.
-        log(f"dualhess analyze: {'the demo CNN' if args.file is None else args.file}, "
+        log(f"dualhess analyze: {args.hf or args.file or 'the demo CNN'}, "
             f"{args.dtype}, {threads} thread{'s' if threads > 1 else ''}"
             + (f"; figures skipped: {figures_skipped}" if figures_skipped else ""))
     demo_info = None
-    if args.file is None:
+    if args.hf is not None:
+        from ._demo import hf_problem
+
+        problem = hf_problem(args.hf, text_file=args.text, dataset=args.dataset,
+                             seq_len=args.seq_len, batch_size=args.batch_size,
+                             num_batches=args.num_batches, dtype=args.dtype)
+        model, loss_fn, data = problem.model, problem.loss_fn, problem.data
+        log(problem.info["description"])
+        demo_info = {"description": problem.info["description"]}
+        source = f"hf:{args.hf}"
+    elif args.file is None:
         from ._demo import demo_problem
 
         model, loss_fn, data, demo_info = demo_problem(seed=args.seed, dtype=args.dtype, log=log)
@@ -429,7 +473,8 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     report["timings"]["total"] = round(time.perf_counter() - t_start, 6)
     if demo_info is not None:
         report["model"]["description"] = demo_info["description"]
-        report["model"]["train_accuracy"] = demo_info["train_accuracy"]
+        if "train_accuracy" in demo_info:
+            report["model"]["train_accuracy"] = demo_info["train_accuracy"]
     report.update(
         schema_version=SCHEMA_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

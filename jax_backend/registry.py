@@ -146,6 +146,12 @@ class JaxBackend:
             "install the torch backend: pip install 'dualhess[torch]'"
         )
 
+    def hf_problem(self, name_or_dir: Any, **options: Any) -> Any:
+        raise NotImplementedError(
+            "Hugging Face models are PyTorch models: --hf loads them with the torch backend "
+            "(pip install 'dualhess[torch,transformers]'); JAX analyses them through the twin"
+        )
+
     def normalizers(self, model: Any, loss_fn: Any, data: Any, *, dtype: Any) -> Any:
         raise NotImplementedError(
             "the JAX backend reads no normalizers for a twin: no other backend twins a Flax "

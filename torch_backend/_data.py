@@ -833,7 +833,7 @@ class Objective:
             values.append(float(value.detach()))
             counts.append(count)
         self.returns_pairs = bool(pairs)
-        if sources == {"samples"}:
+        if sources == {"samples"} and self.dataset.reduction == "mean":
             self._refuse_ignored_labels_without_normalizer()
         if self.dataset.reduction == "mean":
             self.dataset.set_normalizers(counts, summed=self.returns_pairs)

@@ -52,6 +52,11 @@ class TorchBackend:
             "analysed in JAX only"
         )
 
+    def hf_problem(self, name_or_dir: Any, **options: Any) -> Any:
+        from ._hf import hf_problem
+
+        return hf_problem(name_or_dir, **options)
+
     def demo_problem(self, **options: Any) -> Any:
         from .examples import demo_problem
 
