@@ -19,6 +19,28 @@ def problem():
     return model, X, y
 
 
+def losses():
+    """The losses the ranks analyse: plain means and sums, and two whose normaliser is not the
+    sample count (kept labels of ``ignore_index``, the sum of class weights)."""
+    weight = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+    return {
+        "mean": torch.nn.CrossEntropyLoss(),
+        "sum": torch.nn.CrossEntropyLoss(reduction="sum"),
+        "ignore_index": torch.nn.CrossEntropyLoss(ignore_index=-100),
+        "class_weight": torch.nn.CrossEntropyLoss(weight=weight),
+    }
+
+
+def labels_for(name, y):
+    """Every third label padded with -100 (unevenly over the shards) for ``ignore_index``."""
+    if name != "ignore_index":
+        return y
+    y = y.clone()
+    y[::3] = -100
+    y[100:130] = -100  # rank 1 keeps far fewer labels than its share of samples
+    return y
+
+
 def analyse(op):
     e = dualhess.eigsh(op, k=3, tol=1e-10, seed=0)
     t = dualhess.trace(op, method="xtrace", num_matvecs=40, seed=0)
@@ -41,14 +63,14 @@ def main():
     rank = init()
     model, X, y = problem()
     # uneven shards: rank 0 holds 100 samples in batches of 64 + 36, rank 1 the last 50
-    if rank == 0:
-        shard = [(X[:64], y[:64]), (X[64:100], y[64:100])]
-    else:
-        shard = [(X[100:], y[100:])]
     out = {}
-    for reduction in ("mean", "sum"):
-        loss = torch.nn.CrossEntropyLoss(reduction=reduction)
-        out[reduction] = analyse(tb.hessian(model, loss, shard, method="func"))
+    for name, loss in losses().items():
+        t = labels_for(name, y)
+        if rank == 0:
+            shard = [(X[:64], t[:64]), (X[64:100], t[64:100])]
+        else:
+            shard = [(X[100:], t[100:])]
+        out[name] = analyse(tb.hessian(model, loss, shard, method="func"))
     out["is_main_process"] = tb.is_main_process()
     finish(out)  # writes this rank's file, barrier, destroy_process_group, os._exit(0)
 

@@ -1,4 +1,9 @@
-"""torch.distributed: 2 gloo ranks with uneven shards equal the single-process operator."""
+"""torch.distributed: 2 gloo ranks with uneven shards equal the single-process operator.
+
+Four losses: a mean, a sum, and two whose normaliser is not the sample count (``ignore_index``
+with the ranks keeping very different shares of the labels, and class weights); the ranks sum
+their normalisers, so each equals the single-batch operator and the dense Hessian to 1e-12.
+"""
 
 from __future__ import annotations
 
@@ -15,21 +20,40 @@ import torch_backend as tb  # noqa: E402
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _dist_launch import launch  # noqa: E402
-from _dist_worker import analyse, problem  # noqa: E402
+from _dist_worker import analyse, labels_for, losses, problem  # noqa: E402
 
 
 def test_two_ranks_equal_single_process(tmp_path):
     ranks = launch(HERE / "_dist_worker.py", workdir=tmp_path)
     assert [r.pop("is_main_process") for r in ranks] == [True, False]
     assert ranks[0] == ranks[1]  # the same numbers on every rank, bit for bit
-    for reduction in ("mean", "sum"):
-        _compare(ranks[0][reduction], reduction)
+    for name, loss in losses().items():
+        _compare(ranks[0][name], loss, name)
 
 
-def _compare(got, reduction):
+def _dense_hv(model, loss, X, t, v):
+    """The dense Hessian of the single-batch loss times v (reverse over reverse)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(w):
+        parts = dict(zip(names, torch.split(w, [s.numel() for s in shapes])))
+        parts = {k: p.reshape(s) for (k, p), s in zip(parts.items(), shapes)}
+        return loss(torch.func.functional_call(model, parts, (X,)), t)
+
+    H = torch.autograd.functional.hessian(f, flat)
+    return (H @ torch.as_tensor(v)).numpy()
+
+
+def _compare(got, loss, name):
     model, X, y = problem()
-    op = tb.hessian(model, torch.nn.CrossEntropyLoss(reduction=reduction), (X, y), method="func")
+    t = labels_for(name, y)
+    op = tb.hessian(model, loss, (X, t), method="func")
     ref = analyse(op)
+    v = torch.linspace(-1, 1, op.n, dtype=torch.float64)
+    dense = _dense_hv(model, loss, X, t, v)
+    np.testing.assert_allclose(got["hv"], dense, rtol=1e-12, atol=1e-12 * np.abs(dense).max())
     assert got["num_samples"] == 150
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-12)
     np.testing.assert_allclose(got["hv"], ref["hv"], rtol=1e-12, atol=1e-12 * np.abs(ref["hv"]).max())
