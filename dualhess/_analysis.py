@@ -255,6 +255,15 @@ def package_versions() -> dict[str, str | None]:
 
 
 # ---------------------------------------------------------------------- one operator
+def _reason(message: str) -> str:
+    """The reason of an error message without its advice: the first line, up to the first
+    sentence or clause that tells the API user what to call instead."""
+    line = message.strip().splitlines()[0] if message.strip() else message
+    for mark in ("; use ", "; pass ", ". Use ", ". Pass ", "; call "):
+        line = line.split(mark)[0]
+    return line.rstrip(" .;")
+
+
 def analyze_operator(
     op: Operator, settings: AnalysisSettings, *, label: str = "", log: Log = _quiet
 ) -> dict[str, Any]:
@@ -308,9 +317,9 @@ def analyze_operator(
         try:
             return float(op.exact_trace()), None
         except ExactUnavailableError as exc:
-            return None, str(exc)
+            return None, _reason(str(exc))
         except Exception as exc:  # a backend failure must not lose the other numbers
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, _reason(f"{type(exc).__name__}: {exc}")
 
     exact_value, exact_reason = step("exact_trace", "exact trace", exact)
     dens = step(
@@ -574,6 +583,8 @@ def analyze(
     settings: AnalysisSettings | None = None,
     *,
     log: Log = _quiet,
+    closure: Callable[[Any, Any], Any] | None = None,
+    normalizer: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """The whole analysis of a model: build the operators, then :func:`run_analysis`.
 
@@ -588,6 +599,10 @@ def analyze(
     settings : AnalysisSettings, optional
     log : callable, optional
         Receives one line per step.
+    closure, normalizer : callable, optional
+        A PyTorch model's loss as ``closure(model, batch)`` (``loss_fn`` then ``None``) and
+        what each batch's loss divides by, as for :func:`torch_backend.hessian`. Such a model
+        is analysed in PyTorch only: the JAX twin follows ``loss_fn(outputs, targets)``.
 
     Returns
     -------
@@ -627,9 +642,16 @@ def analyze(
             f"--framework both: no installed backend builds a twin of this {owner.name} model "
             f"({type(model).__name__}); use --framework {owner.name}"
         )
+    loss_options = {k: v for k, v in (("closure", closure), ("normalizer", normalizer))
+                    if v is not None}
+    if closure is not None and owner.name != "torch":
+        raise ValueError(
+            f"closure=: a {owner.name} model's loss is loss(outputs, targets) (a model file "
+            "defines loss()); closure(model, batch) is for PyTorch models"
+        )
     own_side, twins = _sides(owner, twins, settings.framework)
     frameworks = ([owner.name] if own_side else []) + [b.name for b in twins]
-    options: dict[str, Any] = {"dtype": settings.dtype}
+    options: dict[str, Any] = {"dtype": settings.dtype, **loss_options}
     selected = resolve_params(settings.params, owner.parameter_names(model))
     timings: dict[str, float] = {}
     operators: dict[str, Operator] = {}
@@ -663,6 +685,11 @@ def analyze(
         log(f"[{twin.name}] building the twin and its Hessian operator")
         t0 = time.perf_counter()
         try:
+            if closure is not None:
+                raise NotImplementedError(
+                    "a closure(model, batch) loss has no twin: the JAX twin is exported "
+                    "from model(inputs) and loss(outputs, targets) (define loss() to "
+                    "crosscheck)")
             twin_op, alignment = twin.twin_hessian(
                 model, loss_fn, data, dtype=settings.dtype, params=selected,
                 normalizers=owner.normalizers(model, loss_fn, data, dtype=settings.dtype))
@@ -696,5 +723,40 @@ def analyze(
         "params": selected,
         "layout": layout.to_dict() if layout is not None else None,
         "twin_error": twin_error,
+        **_dtype_note(model, settings.dtype),
     }
     return out
+
+
+def _model_dtype(model: Any) -> str | None:
+    """The dtype of the model's first floating parameter, by duck typing (no framework
+    import): a torch module's ``parameters()``, a linen pair's variables; else ``None``."""
+    leaves: list[Any] = []
+    if hasattr(model, "parameters") and callable(model.parameters):
+        try:
+            leaves = list(model.parameters())
+        except Exception:  # an nnx Module or another object with a parameters attribute
+            leaves = []
+    elif isinstance(model, tuple) and len(model) == 2:
+        stack = [model[1]]
+        while stack and len(leaves) < 64:
+            node = stack.pop()
+            if isinstance(node, dict) or hasattr(node, "items"):
+                stack.extend(reversed(list(dict(node).values())))
+            elif hasattr(node, "dtype"):
+                leaves.append(node)
+    for leaf in leaves:
+        name = str(getattr(leaf, "dtype", "")).replace("torch.", "")
+        if "float" in name:
+            return name
+    return None
+
+
+def _dtype_note(model: Any, dtype: str) -> dict[str, str | None]:
+    """``dtype`` (the model's own) and ``dtype_note`` when the analysis used another."""
+    own = _model_dtype(model)
+    note = None
+    if own is not None and own != dtype:
+        note = (f"the {own} model was analysed as a {dtype} copy (--dtype {dtype}); its own "
+                f"weights are unchanged. --dtype {own} analyses it in its own precision")
+    return {"dtype": own, "dtype_note": note}

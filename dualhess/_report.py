@@ -73,7 +73,9 @@ SCHEMA: dict[str, str] = {
     "optax, backpack-for-pytorch, matplotlib",
     "model": "framework, type, num_params (n), params (the selected block or null), layout "
     "(name, shape, start, stop of each parameter tensor), twin_error (why the JAX twin of a "
-    "PyTorch model could not be built when --framework was not given, else null)",
+    "PyTorch model could not be built when --framework was not given, else null), dtype (the "
+    "model's own floating dtype), dtype_note (null, or that a model of another dtype was "
+    "analysed as a copy in --dtype)",
     "frameworks": "the frameworks that computed, e.g. ['torch', 'jax']",
     "results.<framework>.n": "size of the operator (number of parameters in the block)",
     "results.<framework>.dtype": "dtype of the computation",
@@ -259,6 +261,10 @@ def format_table(report: dict[str, Any]) -> str:
                if r["trace"]["exact"]["value"] is None}
     for f, reason in reasons.items():
         lines.append(f"exact trace ({f}) unavailable: {str(reason).splitlines()[0][:160]}")
+    if reasons:
+        lines.append("the trace to quote: XTrace +- its standard error (the row above)")
+    if model_note := report.get("model", {}).get("dtype_note"):
+        lines.append(f"note: {model_note}")
     if report.get("figures_skipped"):
         lines.append(f"figures skipped: {report['figures_skipped']}")
     return "\n".join(lines)
@@ -289,6 +295,12 @@ def markdown_report(report: dict[str, Any], *, plots: bool = True) -> str:
         "",
     ]
     agree = _agreement_lines(report)
+    if model.get("dtype_note"):
+        out += [f"Note: {model['dtype_note']}.", ""]
+    out += ["The trace to quote is the exact trace where the summary shows one, else XTrace "
+            "with its standard error"
+            + ("; the crosscheck's Hutchinson traces below use a few shared probes and serve "
+               "only to compare the frameworks." if agree else "."), ""]
     if agree:
         out += ["## Cross-framework check", "", "```", *agree, "", report["crosscheck"]["summary"],
                 "```", ""]

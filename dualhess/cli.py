@@ -32,6 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "main",
     "build_parser",
     "load_user_file",
+    "ModelFile",
     "check_out_dir",
     "CommandLineError",
     "UserFileError",
@@ -56,6 +58,13 @@ user files:
              (outputs, targets) -> scalar or per-sample values (averaged)
     data()   the data: one batch (inputs, targets) or a list/iterable of batches
              (a DataLoader with shuffle=False); for Flax numpy/jax arrays
+  A PyTorch model file may define closure() instead of loss(), for batches that
+  are not (inputs, targets) pairs (dicts, Hugging Face models):
+    closure()     returns fn(model, batch) -> the batch's mean loss (or a pair
+                  (loss_sum, normalizer)), e.g. lambda m, b: m(**b).loss
+    normalizer()  optional: returns fn(batch) -> what the batch's loss divides
+                  by (e.g. torch_backend.label_count(shift=True) for -100 labels)
+  A closure() file is analysed in PyTorch only (the JAX twin follows loss()).
   The Hessian is that of the mean loss over all samples of data().
   torch runs on --threads N threads (default $OMP_NUM_THREADS, else 1).
   A PyTorch model is analysed in PyTorch and in JAX (its Flax twin with the same
@@ -251,23 +260,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- user files
-def load_user_file(path: str | Path) -> tuple[Any, Any, Any]:
-    """Import a user model file and call its ``model()``, ``loss()`` and ``data()``.
+@dataclass
+class ModelFile:
+    """What a model file defines, each function called once.
+
+    Attributes
+    ----------
+    model, data
+        ``model()`` and ``data()``.
+    loss_fn : object or None
+        ``loss()``; ``None`` when the file defines ``closure()``.
+    closure : callable or None
+        ``closure()``: ``fn(model, batch)`` returning the batch loss.
+    normalizer : callable or None
+        ``normalizer()``: ``fn(batch)`` returning what the batch's loss divides by.
+    """
+
+    model: Any
+    loss_fn: Any
+    data: Any
+    closure: Any = None
+    normalizer: Any = None
+
+    def __iter__(self) -> Any:  # ``model, loss_fn, data = load_user_file(path)``
+        return iter((self.model, self.loss_fn, self.data))
+
+
+_SIGNATURES = (
+    "each function of a model file takes none and returns an object: model() the model (a "
+    "torch nn.Module, a flax nnx.Module or a linen (module, variables) pair), loss() the "
+    "loss function itself (e.g. return torch.nn.CrossEntropyLoss(), called later as "
+    "loss(outputs, targets)) or closure() a function (model, batch) -> loss (e.g. return "
+    "lambda m, b: m(**b).loss), data() a batch or a list of batches"
+)
+
+
+def load_user_file(path: str | Path) -> ModelFile:
+    """Import a user model file and call its ``model()``, ``loss()`` (or ``closure()``) and
+    ``data()``.
 
     Parameters
     ----------
     path : path
-        A Python file defining the three functions (see ``dualhess analyze --help``).
+        A Python file defining the functions (see ``dualhess analyze --help``): ``model()``,
+        ``data()`` and one of ``loss()`` (called as ``loss(outputs, targets)``) and
+        ``closure()`` (called as ``closure(model, batch)``, for dict batches and Hugging
+        Face models), optionally ``normalizer()``.
 
     Returns
     -------
-    (model, loss_fn, data)
+    ModelFile
+        Unpacks as ``(model, loss_fn, data)``; ``.closure`` and ``.normalizer`` when defined.
 
     Raises
     ------
     UserFileError
-        The file is missing, cannot be imported, lacks one of the functions, or one of
-        them raised; the message names the file and the function.
+        The file is missing, cannot be imported, lacks one of the functions, defines both
+        ``loss()`` and ``closure()``, or one of them raised; the message names the file and
+        the function.
+
+    Examples
+    --------
+    A file defining ``closure()`` for a model whose batches are dicts::
+
+        def model(): return MyModel()
+        def closure(): return lambda m, batch: m(**batch).loss
+        def data(): return [{"input_ids": ids, "labels": labels}]
     """
     path = Path(path)
     if path.is_dir():
@@ -287,34 +345,53 @@ def load_user_file(path: str | Path) -> tuple[Any, Any, Any]:
         spec.loader.exec_module(module)
     except Exception as exc:
         raise UserFileError(f"{path}: importing the file raised {_one_line(exc)}") from exc
-    missing = [f for f in ("model", "loss", "data") if not callable(getattr(module, f, None))]
+    defined = {f for f in ("model", "loss", "closure", "normalizer", "data")
+               if callable(getattr(module, f, None))}
+    if {"loss", "closure"} <= defined:
+        raise UserFileError(
+            f"{path} defines both loss() and closure(); define loss() for (inputs, targets) "
+            "batches or closure() for any other batch, not both"
+        )
+    loss_name = "closure" if "closure" in defined else "loss"
+    missing = [f for f in ("model", loss_name, "data") if f not in defined]
     if missing:
         listed = ", ".join(f"{f}()" for f in missing)
         raise UserFileError(
             f"{path} does not define {listed}; a dualhess model file defines model(), loss() "
-            "and data() (see `dualhess analyze --help`)"
+            "(or closure()) and data() (see `dualhess analyze --help`)"
         )
-    out = []
-    for fname in ("model", "loss", "data"):
+    if "normalizer" in defined and loss_name == "loss":
+        raise UserFileError(
+            f"{path} defines normalizer() beside loss(); a torch loss module brings its own "
+            "normaliser (kept labels, class weights): normalizer() goes with closure()"
+        )
+    out = {}
+    for fname in ("model", loss_name, "normalizer", "data"):
+        if fname not in defined:
+            continue
         function = getattr(module, fname)
         required = _required_parameters(function)
         if required:
             raise UserFileError(
-                f"{path}: {fname}({', '.join(required)}) takes arguments; each function of a "
-                "model file takes none and returns an object: model() the model (a torch "
-                "nn.Module, a flax nnx.Module or a linen (module, variables) pair), loss() "
-                "the loss function itself (e.g. return torch.nn.CrossEntropyLoss(), called "
-                "later as loss(outputs, targets)), data() a batch (inputs, targets) or a list "
-                "of batches"
+                f"{path}: {fname}({', '.join(required)}) takes arguments; {_SIGNATURES}"
             )
         try:
-            out.append(function())
+            out[fname] = function()
         except Exception as exc:
             raise UserFileError(f"{path}: {fname}() raised {_one_line(exc)}") from exc
-    if out[2] is None:
+    if out["data"] is None:
         raise UserFileError(f"{path}: data() returned None; return a batch (inputs, targets) "
                             "or a list of batches")
-    return out[0], out[1], out[2]
+    for fname in ("closure", "normalizer"):
+        if fname in out and not callable(out[fname]):
+            raise UserFileError(
+                f"{path}: {fname}() returned {type(out[fname]).__name__}, not a function; "
+                + ("closure() returns fn(model, batch) -> the batch loss (e.g. return "
+                   "lambda m, b: m(**b).loss)" if fname == "closure" else
+                   "normalizer() returns fn(batch) -> what the batch's loss divides by")
+            )
+    return ModelFile(model=out["model"], loss_fn=out.get("loss"), data=out["data"],
+                     closure=out.get("closure"), normalizer=out.get("normalizer"))
 
 
 def _required_parameters(function: Any) -> list[str]:
@@ -445,6 +522,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"{args.dtype}, {threads} thread{'s' if threads > 1 else ''}"
             + (f"; figures skipped: {figures_skipped}" if figures_skipped else ""))
     demo_info = None
+    loss_options: dict[str, Any] = {}
     if args.hf is not None:
         from ._demo import hf_problem
 
@@ -461,14 +539,17 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         model, loss_fn, data, demo_info = demo_problem(seed=args.seed, dtype=args.dtype, log=log)
         source = "demo"
     else:
-        model, loss_fn, data = load_user_file(args.file)
+        loaded = load_user_file(args.file)
+        model, loss_fn, data = loaded
+        loss_options = {k: v for k, v in (("closure", loaded.closure),
+                                          ("normalizer", loaded.normalizer)) if v is not None}
         source = str(args.file)
     _pin_threads(threads)  # the file may have imported torch before the variable was read
     setup = time.perf_counter() - t_start
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # library log records, too, go around the bars
-        report = analyze(model, loss_fn, data, settings, log=log)
+        report = analyze(model, loss_fn, data, settings, log=log, **loss_options)
     report["timings"]["setup"] = round(setup, 6)
     report["timings"]["total"] = round(time.perf_counter() - t_start, 6)
     if demo_info is not None:
@@ -487,7 +568,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     report["per_layer"] = None
     if args.per_layer:
-        report["per_layer"] = _per_layer(model, loss_fn, data, args, log)
+        report["per_layer"] = _per_layer(model, loss_fn, data, args, log, **loss_options)
     report["figures_skipped"] = figures_skipped
     paths = write_report(report, args.out, plots=not args.no_plots)
     print(format_table(report))
@@ -499,13 +580,14 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _per_layer(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, log: Any) -> dict:
+def _per_layer(model: Any, loss_fn: Any, data: Any, args: argparse.Namespace, log: Any,
+               **loss_options: Any) -> dict:
     """Per-layer spectra in the model's own framework; prints the table, draws the plot."""
     from ._per_layer import per_layer_spectra
     from .backends import hessian
 
     log("per-layer spectra: the Hessian block of each layer, with its eigenvalue density")
-    op = hessian(model, loss_fn, data, dtype=args.dtype)
+    op = hessian(model, loss_fn, data, dtype=args.dtype, **loss_options)
     spectra = per_layer_spectra(op, groups="layer", trace_matvecs=args.trace_matvecs,
                                 seed=args.seed, density=True,
                                 density_probes=args.density_probes,

@@ -178,6 +178,10 @@ def test_analyze_end_to_end(torch_run):
     # BackPACK's exact trace on the torch side; none in JAX, with the reason
     assert isinstance(torch_res["trace"]["exact"]["value"], float)
     assert jax_res["trace"]["exact"]["value"] is None and jax_res["trace"]["exact"]["reason"]
+    # a reason, not API advice on every JAX run; which trace to quote
+    assert "use a stochastic" not in jax_res["trace"]["exact"]["reason"]
+    assert "The trace to quote is the exact trace" in md
+    assert "Hutchinson traces below" in md
     assert torch_res["summary"]["lambda_min"] <= vt[-1]
 
 
