@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -161,17 +163,73 @@ def check_finite_host(x: np.ndarray, what: str) -> None:
         raise FloatingPointError(f"{what} contains NaN or Inf; the operator is not finite")
 
 
-def progress_bar(progress: bool | str, total: int | None, desc: str, unit: str = "it") -> Any:
+#: Seconds between two redraws of a running bar when nothing else moves it.
+TICK_SECONDS = 0.5
+
+
+def progress_bar(
+    progress: bool | str, total: int | None, desc: str, unit: str = "it", *, file: Any = None
+) -> Any:
     """A tqdm bar of ``total`` ``unit`` (disabled when ``progress`` is False).
 
     ``progress`` may be a string: the bar's label instead of ``desc`` (so a caller such as
     ``density`` can name the stage a shared routine such as ``lanczos`` draws). The bar shows
     ``label: n/total unit |bar| elapsed`` and the postfix, not a rate, and is cleared when
     closed. Log lines printed while it runs should go through ``tqdm.write``.
+
+    A person watching sees it move: every update is drawn (tqdm's adaptive skipping, which
+    froze a bar whose first steps were fast and later ones slow, is off), and a background
+    ticker redraws it every :data:`TICK_SECONDS` so the elapsed time moves during a step
+    that takes long (one product of a large model).
     """
     from tqdm.auto import tqdm
 
     label = progress if isinstance(progress, str) else desc
-    return tqdm(total=total, desc=label, disable=not progress, leave=False, dynamic_ncols=True,
-                unit=unit, bar_format="{desc}: {n_fmt}/{total_fmt} " + unit
-                + " |{bar}| {elapsed}{postfix}")
+    bar = tqdm(total=total, desc=label, disable=not progress, leave=False,
+               **_width(file if file is not None else sys.stderr),
+               unit=unit, miniters=1, mininterval=0.2, file=file,
+               bar_format="{desc}: {n_fmt}/{total_fmt} " + unit + " |{bar}| {elapsed}{postfix}")
+    if not bar.disable:
+        _Ticker(bar).start()
+    return bar
+
+
+def _width(stream: Any) -> dict[str, Any]:
+    """Follow the terminal's width, except on one that reports zero columns (a fresh
+    pseudo-terminal, some CI and editor shells), where tqdm would draw nothing at all."""
+    try:
+        if os.get_terminal_size(stream.fileno()).columns == 0:
+            return {"ncols": 100, "nrows": 24}
+    except (AttributeError, OSError, ValueError):  # not a real terminal: tqdm decides
+        pass
+    return {"dynamic_ncols": True}
+
+
+class _Ticker:
+    """Redraws a tqdm bar every :data:`TICK_SECONDS` until the bar is closed."""
+
+    def __init__(self, bar: Any) -> None:
+        import threading
+
+        self.bar = bar
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dualhess-progress", daemon=True)
+        close = bar.close
+
+        def close_and_stop() -> None:
+            self.stop.set()
+            if self.thread.is_alive() and self.thread is not threading.current_thread():
+                self.thread.join()
+            close()
+
+        bar.close = close_and_stop
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(TICK_SECONDS):
+            try:
+                self.bar.refresh()  # takes the bar's (re-entrant) lock; close() joins first
+            except Exception:  # a closed stream: the bar is going away
+                return

@@ -155,3 +155,114 @@ def test_per_layer_writes_block_densities(monkeypatch, capsys, tmp_path):
         grid, values = np.asarray(dens["grid"]), np.asarray(dens["values"])
         assert np.sum(np.diff(grid) * (values[1:] + values[:-1])) / 2 == pytest.approx(1.0)
     assert "per_layer_density.png" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------- bars that move
+class TimedTerminal(Terminal):
+    """A terminal that records when each piece of text arrived, for replaying."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        import time
+
+        self.events.append((time.perf_counter(), text))
+        return super().write(text)
+
+
+def frames(events: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """Each redraw of a bar (the text after a carriage return) with its time."""
+    out = []
+    for t, text in events:
+        for piece in text.split("\r")[1:]:
+            if piece.strip():
+                out.append((t, piece.strip()))
+    return out
+
+
+def test_a_bar_draws_every_step_and_moves_during_slow_steps(monkeypatch):
+    """Fast first steps, then slow ones: tqdm's adaptive skipping used to freeze such a bar
+    (the density bar stood at 18/60 for ~10 s, then jumped to 54/60). Replayed, the bar must
+    show every step count and be redrawn at least every ~second while a step runs."""
+    import re
+    import time
+
+    import dualhess
+    from dualhess._util import TICK_SECONDS
+
+    class FastThenSlow(dualhess.DenseOperator):
+        def _matvec(self, v):
+            if self.num_matvecs >= 12:
+                time.sleep(0.3)
+            return super()._matvec(v)
+
+    A = np.diag(np.linspace(1.0, 2.0, 40))
+    term = TimedTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    start = time.perf_counter()
+    dualhess.lanczos(FastThenSlow(A), num_steps=20, seed=0, progress="replayed")
+    end = time.perf_counter()
+    monkeypatch.undo()
+    shown = frames(term.events)
+    counts = [int(m.group(1)) for _, f in shown if (m := re.match(r"replayed: (\d+)/20", f))]
+    assert counts[0] == 0 and counts == sorted(counts)
+    # every slow step is drawn (fast ones may share a redraw: 0.2 s between redraws)
+    assert set(range(13, 21)) <= set(counts), sorted(set(range(13, 21)) - set(counts))
+    times = [start] + [t for t, _ in shown] + [end]
+    gaps = np.diff(times)
+    print(f"{len(shown)} redraws over {end - start:.1f} s, longest gap {gaps.max():.2f} s "
+          f"(ticker every {TICK_SECONDS} s)")
+    assert gaps.max() <= 4 * TICK_SECONDS  # a step takes 0.3 s; redraws at least every 2 s
+    assert screen(term.getvalue())[-1] == ""  # cleared when done
+
+
+def test_the_first_line_comes_at_once_on_a_terminal(tmp_path):
+    """`dualhess analyze FILE` on a real pseudo-terminal: the first line comes before the
+    frameworks are imported (measured ~0.2 s; the target is 1 s, the bound here 2 s for a
+    loaded machine), then a line per stage."""
+    pty = pytest.importorskip("pty")
+    pytest.importorskip("torch")
+    import os
+    import select
+    import subprocess
+    import time
+
+    master, slave = pty.openpty()
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualhess", "analyze", str(ROOT / "examples" / "torch_mlp.py"),
+         "--framework", "torch", *SMALL, "--out", str(tmp_path)],
+        stdin=slave, stdout=slave, stderr=slave, close_fds=True, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    os.close(slave)
+    events = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                events.append((time.perf_counter() - start, data.decode(errors="replace")))
+            elif proc.poll() is not None:
+                break
+            if time.perf_counter() - start > 300:
+                proc.kill()
+                pytest.fail("dualhess analyze did not finish in 300 s")
+    finally:
+        os.close(master)
+    assert proc.wait() == 0, "".join(t for _, t in events)
+    first_time, first_text = events[0]
+    print(f"first line after {first_time:.2f} s: {first_text.strip()!r}")
+    assert first_text.startswith("dualhess analyze: ") and "torch_mlp.py" in first_text
+    assert first_time <= 2.0
+    text = "".join(t for _, t in events)
+    assert "[torch] building the Hessian operator" in text
+    # bars drawn on a terminal that reports zero columns (a fresh pseudo-terminal)
+    assert "eigsh: 0/3 pairs converged" in text and "density (2 probes x Lanczos)" in text
