@@ -375,7 +375,7 @@ def build_operator(
     if options.check_deterministic:
         probe = op._check_deterministic()
     if options.check_symmetric:
-        check_symmetric(op, probe)
+        check_symmetric(op, probe, model=objective.model)
     return op
 
 

@@ -59,3 +59,9 @@ def test_wav2vec2_referee_names_torch_weight_norm():
         pytest.skip("this torch build's double backward of weight normalisation is right")
     assert any("pos_conv_embed" in name for name in report.failing_blocks), str(report)
     assert report.verdict is not None and report.verdict.wrong == "torch", str(report)
+    # by default the torch operator refuses first, naming the module and the derivative
+    with pytest.raises(dualhess.AsymmetricOperatorError, match="pos_conv_embed.conv") as info:
+        dualhess.crosscheck_model(model, loss, data, k=1, num_probes=2, method="autograd",
+                                  check_deterministic=False)
+    assert "aten._weight_norm is wrong on this build" in str(info.value)
+    assert "torch's second derivative is the wrong side" in str(info.value)
