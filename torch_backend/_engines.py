@@ -366,9 +366,14 @@ def choose_engines(
             continue
         engines[name] = engine
     if not engines:
+        hint = ""
+        if any("_embedding_bag" in msg for msg in failures.values()):
+            hint = (". PyTorch has no second derivative of nn.EmbeddingBag: write the bags "
+                    "with nn.functional.embedding and a sum or mean, or analyse the JAX twin "
+                    "(jax_backend.from_torch), which differentiates it")
         raise RuntimeError(
             "no HVP method works for this model: "
-            + "; ".join(f"{k}: {msg}" for k, msg in failures.items())
+            + "; ".join(f"{k}: {msg}" for k, msg in failures.items()) + hint
         )
     if "autograd" in engines and "func" in engines:
         best = "func" if timings["func"] <= FUNC_MARGIN * timings["autograd"] else "autograd"

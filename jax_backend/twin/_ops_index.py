@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -252,6 +253,48 @@ def embedding(weight: Any, indices: Any, padding_idx: int = -1,
         row = jnp.arange(weight.shape[0]) == padding_idx
         weight = jnp.where(row[:, None], lax.stop_gradient(weight), weight)
     return jnp.take(weight, indices, axis=0)
+
+
+@rule("aten._embedding_bag.default", "aten._embedding_bag_forward_only.default", family=_F)
+def embedding_bag(weight: Any, indices: Any, offsets: Any, scale_grad_by_freq: bool = False,
+                  mode: int = 0, sparse: bool = False, per_sample_weights: Any = None,
+                  include_last_offset: bool = False, padding_idx: int = -1) -> Any:
+    """``nn.EmbeddingBag``: rows of ``weight`` reduced per bag (0 sum, 1 mean, 2 max).
+
+    Bag ``b`` holds ``indices[offsets[b]:offsets[b + 1]]``; entries equal to ``padding_idx``
+    are left out (of the sum and of a mean's count); an empty bag gives zeros, as in torch.
+    Only the bags are returned: torch's ``offset2bag``, ``bag_size`` and ``max_indices``
+    serve its backward, which JAX derives itself (``None`` here).
+    """
+    if scale_grad_by_freq:
+        raise RuleError("scale_grad_by_freq=True changes the gradient")
+    if mode not in (0, 1, 2):
+        raise RuleError(f"mode={mode} (0 sum, 1 mean, 2 max)")
+    if per_sample_weights is not None and mode != 0:
+        raise RuleError("per_sample_weights with a mode other than sum")
+    indices = jnp.reshape(indices, (-1,))
+    num_bags = offsets.shape[0] - (1 if include_last_offset else 0)
+    position = jnp.arange(indices.shape[0])
+    bag = jnp.clip(jnp.searchsorted(offsets, position, side="right") - 1, 0, num_bags - 1)
+    keep = jnp.ones(indices.shape, dtype=bool)
+    if padding_idx is not None and padding_idx >= 0:
+        keep = indices != padding_idx
+    if include_last_offset:  # entries at or past the last offset belong to no bag
+        keep = keep & (position < offsets[-1])
+    rows = jnp.take(weight, indices, axis=0)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights[:, None].astype(rows.dtype)
+    count = jax.ops.segment_sum(keep.astype(weight.dtype), bag, num_segments=num_bags)
+    if mode == 2:
+        lowest = jnp.asarray(-jnp.inf, dtype=weight.dtype)
+        top = jax.ops.segment_max(jnp.where(keep[:, None], rows, lowest), bag,
+                                  num_segments=num_bags)
+        out = jnp.where(count[:, None] > 0, top, jnp.zeros_like(top))
+    else:
+        out = jax.ops.segment_sum(jnp.where(keep[:, None], rows, 0), bag, num_segments=num_bags)
+        if mode == 1:
+            out = out / jnp.maximum(count, 1)[:, None]
+    return out, None, None, None
 
 
 @rule("aten.tril.default", family=_F)

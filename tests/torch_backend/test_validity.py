@@ -281,3 +281,11 @@ def test_all_parameters_frozen():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="every parameter of the model is frozen"):
         tb.hessian(model, CE, (X, y))
+
+
+@errors_table
+def test_embedding_bag_has_no_torch_second_derivative():
+    model = nn.Sequential(nn.EmbeddingBag(9, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randint(0, 9, (6, 5)), torch.randint(0, 3, (6,))
+    with pytest.raises(RuntimeError, match="no second derivative of nn.EmbeddingBag"):
+        tb.hessian(model, CE, (x, y))

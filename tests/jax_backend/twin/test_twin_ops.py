@@ -284,6 +284,17 @@ CASES += [  # indexing and views
     C("aten.replication_pad3d.default", r(1, 2, 3, 3, 3), [1, 0, 1, 1, 0, 1]),
     C("aten.embedding.default", r(7, 3), idx(7, 2, 5)),
     C("aten.embedding.default", r(7, 3), torch.tensor([[0, 1, 0], [2, 0, 3]]), 0, id="padding"),
+    # bags of 3, 0 (empty), 2 and 3 indices; index 0 is padding where padding_idx=0
+    C("aten._embedding_bag.default", r(7, 3), torch.tensor([1, 2, 4, 5, 0, 3, 2, 6]),
+      torch.tensor([0, 3, 3, 5]), False, 0, id="sum"),
+    C("aten._embedding_bag.default", r(7, 3), torch.tensor([1, 2, 4, 5, 0, 3, 2, 6]),
+      torch.tensor([0, 3, 3, 5]), False, 1, False, None, False, 0, id="mean_padding"),
+    C("aten._embedding_bag.default", r(7, 3), torch.tensor([1, 2, 4, 5, 0, 3, 2, 6]),
+      torch.tensor([0, 3, 3, 5]), False, 2, id="max"),
+    C("aten._embedding_bag.default", r(7, 3), torch.tensor([1, 2, 4, 5, 0, 3, 2, 6]),
+      torch.tensor([0, 3, 3, 5, 8]), False, 0, False, r(8), True, id="weighted_last_offset"),
+    C("aten._embedding_bag_forward_only.default", r(7, 3), torch.tensor([1, 2, 4, 5, 3]),
+      torch.tensor([0, 2]), False, 1, grad=()),  # torch: no autograd through forward_only
     C("aten.tril.default", r(4, 5), -1), C("aten.triu.default", r(2, 4, 5), 1),
     C("aten.diagonal.default", r(3, 4, 5), 1, 1, 2),
     C("aten.diagonal_copy.default", r(4, 5)),
