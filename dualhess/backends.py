@@ -96,6 +96,12 @@ class Backend(Protocol):
         both frameworks differentiate the same whole-data-set loss."""
         ...
 
+    def derivative_suspects(self, model: Any) -> list[str]:
+        """Parts of ``model`` whose second derivative this framework is known to get wrong on
+        the installed build (measured, not assumed), one sentence each; the cross-check's
+        referee names them when it finds this side wrong."""
+        ...
+
     def twin_hessian(
         self, model: Any, loss_fn: Any, data: Any, *, dtype: Any, params: Any = None,
         normalizers: Any = None,
@@ -294,7 +300,7 @@ def crosscheck_model(
         rtol = twin_rtol
     own_op = owner.hessian(reference, loss_fn, data, dtype=dtype, params=params,
                            **hessian_options)
-    return crosscheck(
+    report = crosscheck(
         own_op,
         twin_op,
         align=align,
@@ -306,3 +312,13 @@ def crosscheck_model(
         progress=progress,
         notes=notes,
     )
+    verdict = report.verdict
+    if verdict is not None and verdict.wrong == owner.name:
+        suspects = owner.derivative_suspects(model)
+        if suspects:
+            import dataclasses
+
+            verdict = dataclasses.replace(verdict, message=verdict.message + ". Known cause: "
+                                          + "; ".join(suspects))
+            report = dataclasses.replace(report, verdict=verdict)
+    return report

@@ -158,6 +158,9 @@ class JaxBackend:
             "model (pass normalizer= to jax_backend.hessian for a JAX loss)"
         )
 
+    def derivative_suspects(self, model: Any) -> list[str]:
+        return []  # none known: JAX's second derivatives agree with finite differences
+
     def twin_hessian(
         self,
         torch_model: Any,

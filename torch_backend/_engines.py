@@ -31,7 +31,7 @@ import torch
 
 from dualhess import ParamLayout
 
-from ._data import Batch, Objective
+from ._data import Batch, Objective, differentiable_attention
 
 __all__ = [
     "ENGINES",
@@ -150,9 +150,13 @@ class AutogradEngine(_Engine):
         with torch.enable_grad():
             params = {**self.fixed, **dict(zip(self.selected, leaves))}
             loss = self.objective.batch_loss(params, batch) * weight
-            grads = torch.autograd.grad(
-                loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+            # under the forward's attention kernels: an activation-checkpointed block
+            # (torch.utils.checkpoint, Hugging Face gradient_checkpointing_enable) recomputes
+            # its forward during this backward and must pick the same kernels
+            with differentiable_attention():
+                grads = torch.autograd.grad(
+                    loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True
+                )
         used = [i for i, g in enumerate(grads) if g.requires_grad]
         return leaves, [grads[i] for i in used], used
 
@@ -167,17 +171,18 @@ class AutogradEngine(_Engine):
         leaves, grads, used = graph
         if not grads:
             return [torch.zeros_like(p) for p in parts]
-        return list(
-            torch.autograd.grad(
-                grads,
-                leaves,
-                grad_outputs=[parts[i] for i in used],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-                is_grads_batched=batched,
+        with differentiable_attention():  # checkpointed blocks recompute here (see _graph)
+            return list(
+                torch.autograd.grad(
+                    grads,
+                    leaves,
+                    grad_outputs=[parts[i] for i in used],
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                    is_grads_batched=batched,
+                )
             )
-        )
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         # A Krylov basis hands over its columns as strided views (stride = basis width); a

@@ -225,6 +225,15 @@ def weight_norm_double_backward_error(dim: int) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-300)
 
 
+def weight_norm_suspects(model: Any) -> list[str]:
+    """One sentence per weight normalisation of ``model`` whose double backward is wrong on
+    this torch build (:func:`weight_norm_double_backward_error`)."""
+    return [f"torch's double backward of aten._weight_norm ({name}, dim {dim}) disagrees with "
+            f"finite differences on this build ({err:.2g} asymmetric on a small tensor)"
+            for name, dim in _weight_norms(model)
+            if (err := weight_norm_double_backward_error(dim)) > 1e-8]
+
+
 def check_symmetric(
     op: Any, probe: tuple[torch.Tensor, torch.Tensor] | None = None, *, model: Any = None
 ) -> float:

@@ -43,6 +43,11 @@ class TorchBackend:
 
         return batch_normalizers(model, loss_fn, data, dtype=torch_dtype(dtype))
 
+    def derivative_suspects(self, model: Any) -> list[str]:
+        from ._validity import weight_norm_suspects
+
+        return weight_norm_suspects(model)
+
     def can_twin(self, model: Any) -> bool:
         return False  # no PyTorch twin of a Flax model (the JAX backend twins torch models)
 

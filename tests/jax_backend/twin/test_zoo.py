@@ -59,6 +59,8 @@ def test_wav2vec2_referee_names_torch_weight_norm():
         pytest.skip("this torch build's double backward of weight normalisation is right")
     assert any("pos_conv_embed" in name for name in report.failing_blocks), str(report)
     assert report.verdict is not None and report.verdict.wrong == "torch", str(report)
+    assert "torch's double backward of aten._weight_norm" in report.verdict.message
+    assert "disagrees with finite differences" in str(report)
     # by default the torch operator refuses first, naming the module and the derivative
     with pytest.raises(dualhess.AsymmetricOperatorError, match="pos_conv_embed.conv") as info:
         dualhess.crosscheck_model(model, loss, data, k=1, num_probes=2, method="autograd",
