@@ -40,9 +40,9 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
 
-# The wheel alone, per extra (core only and [torch]; add jax / all with EXTRAS="core torch jax"),
+# The wheel alone, per extra (core only, [torch], [jax], [all]; fewer with EXTRAS="core torch"),
 # in fresh venvs: dualhess analyze writes a report with what each extra installs.
-EXTRAS ?= core torch
+EXTRAS ?= core torch jax all
 test-install: $(PY)
 	$(PY) .ci/test_install.py $(EXTRAS)
 

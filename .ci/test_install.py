@@ -1,6 +1,6 @@
 """Install check: the built wheel, installed alone per extra into fresh venvs, works.
 
-For each extra asked for (default: core, torch), this script creates a fresh venv in a
+For each extra asked for (default: core, torch, jax, all), this script creates a fresh venv in a
 temporary folder, installs the wheel built from this checkout (``pip wheel``, PEP 517, the
 same build as ``python -m build``) with that extra and ``-c constraints.txt``, and runs:
 
@@ -106,7 +106,7 @@ CHECKS = {"core": check_core, "torch": check_torch, "jax": check_jax, "all": che
 
 
 def main(extras: list[str]) -> int:
-    extras = extras or ["core", "torch"]
+    extras = extras or ["core", "torch", "jax", "all"]
     unknown = [e for e in extras if e not in CHECKS]
     if unknown:
         print(f"unknown extra(s) {unknown}; choose from {list(CHECKS)}", file=sys.stderr)

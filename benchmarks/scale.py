@@ -1,0 +1,285 @@
+"""GPT-2 small on this CPU: gradient, one product, top-1 -- wall time, products, peak memory.
+
+``python -m benchmarks.scale`` builds a Hugging Face GPT-2 small (124M parameters, random
+init, float32, 50,257-token vocabulary) on 2 sequences of 64 tokens with its causal-LM loss
+(``torch_backend._hf.CausalLMLoss``: the mean over every kept token), and measures, each stage
+in a fresh process so that its memory is its own:
+
+* ``gradient``: one gradient of the loss (``torch.autograd.grad``);
+* ``product``: the Hessian operator (``torch_backend.hessian``, ``method="autograd"``) and
+  one Hessian-vector product, then a second one timed alone;
+* ``top1_device`` / ``top1_disk``: ``eigsh(k=1, tol=1e-3, criterion="eigenvalue")`` with the
+  Krylov basis on the device (here: host memory) and in a memory-mapped file;
+* ``jax_twin``: the JAX twin (``torch.export`` of model and loss, interpreted in JAX), its
+  conversion time and memory, and one product through it (compile, then timed).
+
+Peak memory is the largest resident set size (sampled every 5 ms from ``/proc/self/statm``)
+above the resident size when the stage began, after the model and data were built.
+
+Targets (issue 25): a product <= 2.2x a gradient; a product's peak memory <= 2.5x the
+gradient's; top-1 within 10 minutes on 2 cores; ``basis="disk"`` keeps peak memory within
+one vector's size of the device basis' minus the basis itself.
+
+``--tiny`` runs a 2-layer, 64-wide GPT-2 in seconds (the smoke test).
+Writes ``benchmarks/results/scale.json`` and ``scale.md`` (``--out DIR`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = ("gradient", "product", "top1_device", "top1_disk", "jax_twin")
+SEQ_LEN, BATCH = 64, 2
+
+
+class PeakRSS:
+    """The peak resident set size above the level at entry, sampled on a thread."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.stop = threading.Event()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.rss()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def increase_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def build(tiny: bool) -> tuple[Any, Any, list]:
+    """GPT-2 (small, or tiny), its causal-LM loss and 2 x 64 tokens, float32, eval mode."""
+    import torch
+    import transformers
+
+    from torch_backend._hf import CausalLMLoss
+
+    torch.manual_seed(0)
+    if tiny:
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=1000,
+                                         n_positions=SEQ_LEN)
+    else:
+        config = transformers.GPT2Config()  # GPT-2 small: 124M parameters, 50,257 tokens
+    config.use_cache = False
+    model = transformers.GPT2LMHeadModel(config).float().eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=gen)
+    loss = CausalLMLoss(num_tokens=BATCH * (SEQ_LEN - 1))
+    return model, loss, [(ids, ids.clone())]
+
+
+def stage(name: str, tiny: bool) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    t0 = time.perf_counter()
+    model, loss, data = build(tiny)
+    n = sum(p.numel() for p in model.parameters())
+    out: dict[str, Any] = {"stage": name, "n": n, "vector_mb": 4 * n / 2**20,
+                           "setup_s": time.perf_counter() - t0}
+    if name == "gradient":
+        params = list(model.parameters())
+        (inputs, labels), = data
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            grads = torch.autograd.grad(loss(model(inputs), labels), params)
+            out["wall_s"] = time.perf_counter() - t0
+        del grads
+        out["peak_mb"] = mem.increase_mb
+    elif name == "product":
+        import torch_backend as tb
+
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            op = tb.hessian(model, loss, data, method="autograd", check_deterministic=False,
+                            check_symmetric=False)
+            out["build_s"] = time.perf_counter() - t0
+            v = op.asarray(np.random.default_rng(0).standard_normal(op.n))
+            t0 = time.perf_counter()
+            op.matvec(v)
+            out["first_product_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            op.matvec(v)
+            out["wall_s"] = time.perf_counter() - t0
+        out["peak_mb"] = mem.increase_mb
+    elif name.startswith("top1"):
+        import dualhess
+        import torch_backend as tb
+
+        basis = name.split("_")[1]
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            op = tb.hessian(model, loss, data, method="autograd", check_deterministic=False,
+                            check_symmetric=False)
+            result = dualhess.eigsh(op, k=1, tol=1e-3, criterion="eigenvalue", seed=0,
+                                    basis=basis, return_vectors=False)
+            out["wall_s"] = time.perf_counter() - t0
+        out.update(peak_mb=mem.increase_mb, products=int(result.num_matvecs),
+                   value=float(result.values[0]), converged=bool(result.converged[0]),
+                   residual=float(result.residuals[0]))
+    elif name == "jax_twin":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from dualhess.backends import get_backend
+
+        jax_backend = get_backend("jax")
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            op, _ = jax_backend.twin_hessian(model, loss, data, dtype="float32")
+            out["conversion_s"] = time.perf_counter() - t0
+            v = op.asarray(np.random.default_rng(0).standard_normal(op.n).astype(np.float32))
+            t0 = time.perf_counter()
+            np.asarray(op.matvec(v))
+            out["first_product_s"] = time.perf_counter() - t0  # includes compilation
+            t0 = time.perf_counter()
+            np.asarray(op.matvec(v))
+            out["wall_s"] = time.perf_counter() - t0
+        out["peak_mb"] = mem.increase_mb
+    else:
+        raise ValueError(f"unknown stage {name!r}; one of {', '.join(STAGES)}")
+    return out
+
+
+def run_stage(name: str, tiny: bool, timeout: float) -> dict[str, Any]:
+    """One stage in a fresh process; a failure is a row with its message."""
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--stage", name] + (["--tiny"] if tiny else [])
+    t0 = time.perf_counter()
+    print(f"[scale] {name} ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        return {"stage": name, "status": "failed", "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"stage": name, "status": "failed", "error": tail[0][:300]}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["status"] = "ok"
+    print(f"[scale] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return row
+
+
+def targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def get(stage: str, key: str) -> Any:
+        row = rows.get(stage, {})
+        return row.get(key) if row.get("status") == "ok" else None
+
+    out = []
+
+    def target(what: str, value: Any, limit: float, unit: str, why: str = "") -> None:
+        met = value is not None and value <= limit
+        out.append({"target": what, "value": value, "limit": limit, "unit": unit,
+                    "met": met, "note": "" if met else why})
+
+    grad_s, grad_mb = get("gradient", "wall_s"), get("gradient", "peak_mb")
+    prod_s, prod_mb = get("product", "wall_s"), get("product", "peak_mb")
+    target("product time / gradient time", prod_s / grad_s if prod_s and grad_s else None,
+           2.2, "x", "double backward through the whole first-order graph")
+    target("product peak memory / gradient peak memory",
+           prod_mb / grad_mb if prod_mb and grad_mb else None, 2.5, "x",
+           "the operator keeps the first-order graph (create_graph) for reuse across products")
+    target("top-1 to 1e-3, wall", get("top1_device", "wall_s"), 600.0, "s")
+    dev, disk = get("top1_device", "peak_mb"), get("top1_disk", "peak_mb")
+    vec = get("top1_device", "vector_mb")
+    target("top-1 peak memory, disk basis minus device basis (one vector)",
+           (disk - dev) if dev is not None and disk is not None else None,
+           vec or 0.0, "MB", "see the rows")
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    n = next((r["n"] for r in rows.values() if "n" in r), None)
+    lines = [
+        "# GPT-2 small on the CPU (issue 25)",
+        "",
+        f"{results['model']}: {n:,} parameters (one vector: "
+        f"{4 * n / 2**20:.0f} MB in float32), {BATCH} x {SEQ_LEN} tokens, random init, "
+        f"float32; {results['threads']} threads; load average {results['load']}; "
+        f"{results['date']}. Each stage in a fresh process; peak memory is the resident set's "
+        "increase over its level once the model and data were built.",
+        "",
+        "| stage | wall (s) | products | peak memory increase (MB) | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for name in STAGES:
+        r = rows.get(name, {"status": "not run"})
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | - | - | - | {r.get('status')}: {r.get('error', '')} |")
+            continue
+        notes = []
+        if "build_s" in r:
+            notes.append(f"operator built in {r['build_s']:.1f} s, first product "
+                         f"{r['first_product_s']:.1f} s")
+        if "conversion_s" in r:
+            notes.append(f"export + conversion {r['conversion_s']:.1f} s, first product "
+                         f"(compile) {r['first_product_s']:.1f} s")
+        if "value" in r:
+            notes.append(f"lambda_1 = {r['value']:.6g}, residual {r['residual']:.1e}, "
+                         f"converged {r['converged']}")
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {r.get('products', 1 if name != 'gradient' else '-')} "
+                     f"| {r['peak_mb']:.0f} | {'; '.join(notes)} |")
+    lines += ["", "| target | value | limit | met | why missed |", "|---|---|---|---|---|"]
+    for t in results["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.3g} {t['unit']}"
+        lines.append(f"| {t['target']} | {value} | {t['limit']:.3g} {t['unit']} | "
+                     f"{'met' if t['met'] else 'missed'} | {t['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=STAGES, help="run one stage here, print its JSON")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--tiny", action="store_true", help="a tiny GPT-2 (smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per stage")
+    args = parser.parse_args(argv)
+    if args.stage:
+        print(json.dumps(stage(args.stage, args.tiny)))
+        return 0
+    rows = {name: run_stage(name, args.tiny, args.timeout) for name in args.stages}
+    results = {
+        "model": "GPT-2 (tiny)" if args.tiny else "GPT-2 small",
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "2")),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    results["targets"] = targets(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "scale.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
