@@ -8,6 +8,7 @@ native array into numpy and back.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -134,14 +135,30 @@ def safe_vector_norm(x: Any, xp: Any, axis: int | None = None) -> Any:
     5e-200
     """
     with np.errstate(over="ignore", under="ignore"):  # numpy: handled below
-        norm = xp.linalg.vector_norm(x, axis=axis)
+        norm = _plain_norm(x, xp, axis)
     low, high = _norm_limits(x.dtype)
     host = to_numpy(norm)
     if np.all((host > low) & (host < high)):
         return norm
     largest = xp.max(xp.abs(x), axis=axis, keepdims=True)
     safe = xp.where(largest > 0, largest, xp.ones_like(largest))
-    return xp.linalg.vector_norm(x / safe, axis=axis) * xp.reshape(largest, norm.shape)
+    return _plain_norm(x / safe, xp, axis) * xp.reshape(largest, norm.shape)
+
+
+#: Below float64, vectors longer than this are normed by a summed reduction (see _plain_norm).
+LONG_VECTOR = 1 << 16
+
+
+def _plain_norm(x: Any, xp: Any, axis: int | None) -> Any:
+    """The 2-norm. torch's ``vector_norm`` on the CPU accumulates float32 in one running sum:
+    on a GPT-2-small-sized vector (1.2e8 entries) it measured 1e-5 to 6e-2 relative error,
+    which made ``eigsh`` see an asymmetry of 2e-3 in an exactly symmetric operator and refuse
+    it. ``sqrt(sum(x * x))`` goes through the library's pairwise (cascade) summation: 1.5e-8
+    there. Float64 and short vectors keep ``vector_norm`` (one pass, no temporary)."""
+    size = x.shape[axis] if axis is not None else math.prod(x.shape)
+    if x.dtype == xp.float64 or size <= LONG_VECTOR:
+        return xp.linalg.vector_norm(x, axis=axis)
+    return xp.sqrt(xp.sum(x * x, axis=axis))
 
 
 def safe_norm(x: Any, xp: Any) -> float:
