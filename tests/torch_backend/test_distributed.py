@@ -21,6 +21,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _dist_launch import launch  # noqa: E402
 from _dist_worker import analyse, labels_for, losses, problem  # noqa: E402
+from torch_refs import dense_hessian  # noqa: E402
 
 
 def test_two_ranks_equal_single_process(tmp_path):
@@ -33,17 +34,7 @@ def test_two_ranks_equal_single_process(tmp_path):
 
 def _dense_hv(model, loss, X, t, v):
     """The dense Hessian of the single-batch loss times v (reverse over reverse)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(w):
-        parts = dict(zip(names, torch.split(w, [s.numel() for s in shapes])))
-        parts = {k: p.reshape(s) for (k, p), s in zip(parts.items(), shapes)}
-        return loss(torch.func.functional_call(model, parts, (X,)), t)
-
-    H = torch.autograd.functional.hessian(f, flat)
-    return (H @ torch.as_tensor(v)).numpy()
+    return (dense_hessian(model, loss, X, t) @ torch.as_tensor(v)).numpy()
 
 
 def _compare(got, loss, name):

@@ -39,6 +39,19 @@ LOSSES = {
 }
 
 
+def _dense_eigenvalues(model, loss_fn, X, y):
+    """Eigenvalues (ascending) of the dense Hessian of the one-batch loss (double backward)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(v):
+        parts = [t.reshape(s) for t, s in zip(torch.split(v, [s.numel() for s in shapes]), shapes)]
+        return loss_fn(torch.func.functional_call(model, dict(zip(names, parts)), (X,)), y)
+
+    return np.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat).numpy())
+
+
 @errors_table
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_twin_follows_the_torch_loss_normaliser(name):
@@ -49,19 +62,7 @@ def test_twin_follows_the_torch_loss_normaliser(name):
     assert report.passed, str(report)
     assert report.max_rel_diff <= 1e-12
     # and both are the Hessian of the whole data set's loss (one batch, dense float64)
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss(v):
-        parts, start = {}, 0
-        for n, s in zip(names, shapes):
-            parts[n] = v[start : start + s.numel()].reshape(s)
-            start += s.numel()
-        return loss_fn(torch.func.functional_call(model, parts, (X,)), y)
-
-    H = torch.autograd.functional.hessian(loss, flat).numpy()
-    top = np.linalg.eigvalsh(H)[-2:][::-1]
+    top = _dense_eigenvalues(model, loss_fn, X, y)[-2:][::-1]
     for values in (report.eig_a, report.eig_b):
         assert np.max(np.abs(np.asarray(values)[:2] - top)) <= 1e-10 * abs(top[0])
 
@@ -73,17 +74,6 @@ def test_analyze_jax_side_alone_follows_the_normaliser():
     loss_fn = torch.nn.CrossEntropyLoss()
     out = analyze(model, loss_fn, batches, AnalysisSettings(framework="jax", top_k=1,
                   trace_matvecs=8, density_probes=1, density_steps=5))
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss(v):
-        parts, start = {}, 0
-        for n, s in zip(names, shapes):
-            parts[n] = v[start : start + s.numel()].reshape(s)
-            start += s.numel()
-        return loss_fn(torch.func.functional_call(model, parts, (X,)), y)
-
-    top = np.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat).numpy())[-1]
+    top = _dense_eigenvalues(model, loss_fn, X, y)[-1]
     got = out["results"]["jax"]["summary"]["lambda_max"]
     assert abs(got - top) <= 1e-9 * abs(top)
