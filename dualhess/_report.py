@@ -262,7 +262,8 @@ def format_table(report: dict[str, Any]) -> str:
     for f, reason in reasons.items():
         lines.append(f"exact trace ({f}) unavailable: {str(reason).splitlines()[0][:160]}")
     if reasons:
-        lines.append("the trace to quote: XTrace +- its standard error (the row above)")
+        lines.append("the trace to quote: the exact trace where shown, else XTrace +- its "
+                     "standard error")
     if model_note := report.get("model", {}).get("dtype_note"):
         lines.append(f"note: {model_note}")
     if report.get("figures_skipped"):
