@@ -644,7 +644,7 @@ def analyze(
         )
     loss_options = {k: v for k, v in (("closure", closure), ("normalizer", normalizer))
                     if v is not None}
-    if closure is not None and owner.name != "torch":
+    if closure is not None and not owner.accepts_closure:
         raise ValueError(
             f"closure=: a {owner.name} model's loss is loss(outputs, targets) (a model file "
             "defines loss()); closure(model, batch) is for PyTorch models"
@@ -657,10 +657,11 @@ def analyze(
     operators: dict[str, Operator] = {}
     alignment = None
     twin_error: str | None = None
-    if settings.framework is None and not twins and missing and owner.name == "torch":
+    absent = [name for name, _ in missing if name in owner.twinned_by]
+    if settings.framework is None and not twins and absent:
         # The default is both frameworks: a PyTorch model analysed alone because JAX is not
         # installed says so (table, stderr, report.md, report.json), never a silent null.
-        name = missing[0][0]
+        name = absent[0]
         twin_error = f"{name.upper()} not installed (pip install 'dualhess[{name}]')"
         log(f"[{name}] skipped: {twin_error}; the {owner.name} analysis goes on without the "
             "crosscheck")

@@ -60,6 +60,11 @@ class Backend(Protocol):
     name : str
         The backend's name in the registry (``"torch"``, ``"jax"``): a label for reports and
         the ``--framework`` option, never a switch in the core.
+    accepts_closure : bool
+        Whether ``hessian`` takes ``closure=fn(model, batch)`` instead of a loss function.
+    twinned_by : tuple of str
+        The backends that build twins of this backend's models (torch: ``("jax",)``): when
+        one of them is not installed, the analysis says so instead of a silent null.
 
     Every call the core makes on a backend is listed here. An option a backend does not
     support raises an error naming it (never silently dropped); a capability it lacks
@@ -68,6 +73,8 @@ class Backend(Protocol):
     """
 
     name: str
+    accepts_closure: bool
+    twinned_by: tuple[str, ...]
 
     def owns(self, model: Any) -> bool:
         """Whether ``model`` is this framework's model (an ``nn.Module``; an nnx module or a

@@ -83,6 +83,8 @@ class JaxBackend:
     """Builds JAX curvature operators for the core's dispatching functions and the CLI."""
 
     name = "jax"
+    accepts_closure = False
+    twinned_by: tuple[str, ...] = ()
 
     def owns(self, model: Any) -> bool:
         return _is_nnx(model) or _is_linen_pair(model)

@@ -25,6 +25,8 @@ class TorchBackend:
     """Builds torch curvature operators for the core's dispatching functions and the CLI."""
 
     name = "torch"
+    accepts_closure = True
+    twinned_by: tuple[str, ...] = ("jax",)
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, torch.nn.Module)

@@ -152,3 +152,25 @@ def test_float32_model_analysed_as_a_float64_copy_says_so(tmp_path, capsys):
                  "--top-k", "1", "--trace-matvecs", "10", "--density-probes", "1",
                  "--density-steps", "5", "--no-plots", "--quiet", "--out", str(out)]) == 0
     assert json.loads((out / "report.json").read_text())["model"]["dtype_note"] is None
+
+
+def test_a_missing_twin_framework_is_named_not_a_silent_null(monkeypatch):
+    """The owner's ``twinned_by`` names the backend whose absence the analysis reports."""
+    import dualhess.backends as backends
+    from dualhess._analysis import AnalysisSettings, analyze
+
+    real = backends.get_backend
+
+    def without_jax(name):
+        if name == "jax":
+            raise ImportError("No module named 'jax' (hidden by the test)")
+        return real(name)
+
+    monkeypatch.setattr(backends, "get_backend", without_jax)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    data = (torch.randn(12, 3), torch.randint(0, 2, (12,)))
+    out = analyze(model.double(), torch.nn.CrossEntropyLoss(), data,
+                  AnalysisSettings(top_k=1, trace_matvecs=6, density_probes=1, density_steps=4,
+                                   progress=False))
+    assert out["frameworks"] == ["torch"]
+    assert out["model"]["twin_error"] == "JAX not installed (pip install 'dualhess[jax]')"
