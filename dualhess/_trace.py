@@ -118,6 +118,71 @@ def _stderr(samples: np.ndarray) -> float:
     return scale * stderr if extreme else stderr
 
 
+def _xtrace_stderr(
+    estimates: np.ndarray, S: np.ndarray, H: np.ndarray, W: np.ndarray, V: np.ndarray
+) -> float:
+    """Standard error of the XTrace estimate ``mean(t_i)``, for correlated ``t_i``.
+
+    The leave-one-out estimates ``t_i`` share probes, so they are positively correlated
+    and ``std(t_i) / sqrt(k)`` is too small. Write ``e_i = t_i - tr(A)``, ``v = E e_i^2``
+    and ``C = E e_i e_j`` (``i != j``; exchangeability makes both the same for all
+    pairs). Then ``Var(mean t) = v / k + (k - 1) C / k``, while the sample variance
+    ``s^2`` of the ``t_i`` has expectation ``v - C``: ``Var(mean t) = E[s^2] / k + C``.
+
+    ``C`` has an unbiased estimate from leave-two-out estimates. ``t_i^(-j)`` is ``t_i``
+    with probe ``j`` also left out of the basis: the basis of ``A Omega`` without
+    columns ``i`` and ``j``, plus the Hutchinson sample of probe ``i`` on its
+    complement. Given the probes other than ``i``, probe ``i`` is a fresh Hutchinson
+    probe for both ``t_i`` and ``t_i^(-j)``, so ``E[e_i | w_l, l != i] = 0``, and the same
+    for ``e_i^(-j) = t_i^(-j) - tr(A)``, which does not depend on ``w_j``. Hence the
+    three cross terms in ``E[(e_i - e_i^(-j)) (e_j - e_j^(-i))]`` vanish and
+
+        C = E[D_ij D_ji],  D_ij = t_i - t_i^(-j),
+
+    observable without ``tr(A)``. The returned variance is
+    ``s^2 / k + max(0, sum_{i != j} D_ij D_ji / (k (k - 1)))``: without the ``max`` it
+    is exactly unbiased for ``Var(mean t)``. A negative covariance estimate (no evidence
+    of the correlation; a few per cent of draws at ``k = 20``, more at smaller ``k``)
+    falls back to the independent-sample formula, so the total is never negative and
+    never below it. The error estimate of Epperly, Tropp & Webber (and their
+    ``xtrace.m``) is the ``s / sqrt(k)`` term alone.
+
+    In the coordinates of ``Q``, the basis of ``t_i`` is ``Q (I - s_i s_i^T) Q^T`` and
+    that of ``t_i^(-j)`` is ``Q (I - s_i s_i^T - u u^T) Q^T`` with ``u`` the unit part
+    of ``s_j`` orthogonal to ``s_i``. Expanding both estimates, with ``a = s_i . w_i``,
+    ``b = u . w_i`` and ``v_i = Q^T A w_i - H (w_i - a s_i)`` (the columns of ``V``):
+
+        D_ij = (1 - b^2) u^T H u - 2 b u . v_i,
+
+    for all pairs at once from the ``k x k`` products ``S^T S``, ``S^T H S``, ``S^T W``
+    and ``S^T V``: ``O(k^3)`` host work and no further products with the operator.
+    """
+    k = estimates.size
+    independent = _stderr(estimates)
+    c = S.T @ S  # c_ij = s_i . s_j, symmetric with unit diagonal
+    G = S.T @ (H @ S)
+    M = S.T @ W  # M[j, i] = s_j . w_i
+    N = S.T @ V  # N[j, i] = s_j . v_i
+    # Arrays indexed [j, i]: u_ij = (s_j - c_ij s_i) / sqrt(1 - c_ij^2).
+    one_minus_c2 = 1.0 - c**2
+    np.fill_diagonal(one_minus_c2, 1.0)
+    one_minus_c2 = np.maximum(one_minus_c2, np.finfo(np.float64).tiny)
+    g = np.diag(G)
+    uHu = (g[:, None] - 2.0 * c * G + c**2 * g[None, :]) / one_minus_c2
+    root = np.sqrt(one_minus_c2)
+    b = (M - c * np.diag(M)[None, :]) / root
+    uv = (N - c * np.diag(N)[None, :]) / root
+    D = (1.0 - b**2) * uHu - 2.0 * b * uv
+    np.fill_diagonal(D, 0.0)
+    # Scale by the largest term first, so that squares of extreme sizes stay in range.
+    scale = max(float(np.max(np.abs(D))), independent)
+    if not (0.0 < scale < math.inf):
+        return independent
+    D = D / scale
+    covariance = max(0.0, float(np.sum(D * D.T)) / (k * (k - 1)))
+    return scale * math.sqrt((independent / scale) ** 2 + covariance)
+
+
 # ---------------------------------------------------------------------- the estimators
 def _hutchinson(
     op: Operator,
@@ -206,7 +271,8 @@ def _xtrace(
     dSRmHW = np.sum(S * (R - HW), axis=0)
     dTmHRS = np.sum((T - H.T @ W) * S, axis=0)
     estimates = trH - dSHS + dOmY - dWR - dTW + dWHW + dSW * dSRmHW + dSW**2 * dSHS + dTmHRS * dSW
-    return float(np.mean(estimates)), _stderr(estimates), 2 * k, estimates
+    stderr = _xtrace_stderr(estimates, S, H, W, 0.5 * (T + R) - H @ (W - S * dSW))
+    return float(np.mean(estimates)), stderr, 2 * k, estimates
 
 
 @fill_doc
@@ -237,9 +303,11 @@ def trace(
           probes; ``stderr`` is the standard error of the Hutchinson part. Needs ``m >= 3``.
         * ``"xtrace"``: the exchangeable estimator of Epperly, Tropp & Webber (2024):
           ``m // 2`` probes, ``A Omega`` and ``A Q``; every probe serves both in the
-          low-rank basis and, left out of it, as a Hutchinson sample. ``stderr`` is their
-          leave-one-out error estimate (standard error of the ``m // 2`` leave-one-out
-          estimates). Needs ``m >= 4``.
+          low-rank basis and, left out of it, as a Hutchinson sample. The value is the
+          mean of the ``k = m // 2`` leave-one-out estimates ``t_i``. ``stderr`` estimates
+          the standard deviation of that mean: ``sqrt(s^2 / k + C)``, with ``s^2`` the
+          sample variance of the ``t_i`` and ``C`` an unbiased estimate of their
+          covariance (see Notes). Needs ``m >= 4``.
         * ``"exact"``: ``op.exact_trace()``; raises
           :class:`~dualhess.ExactUnavailableError` when the operator has none.
 
@@ -271,8 +339,21 @@ def trace(
 
     Notes
     -----
-    The standard errors treat the samples as independent: exact for Hutchinson, and the
-    error estimate proposed by Epperly, Tropp & Webber for XTrace. XTrace uses the probes
+    Hutchinson's and Hutch++'s standard errors treat their samples as independent, which
+    they are. XTrace's leave-one-out estimates ``t_i`` are exchangeable but positively
+    correlated (they share probes), so ``Var(mean t_i) = Var(t_1) / k + (1 - 1/k) C``
+    with ``C = Cov(t_i, t_j)``, while the sample variance ``s^2`` estimates
+    ``Var(t_1) - C``: the independent-sample error ``s / sqrt(k)`` of Epperly, Tropp &
+    Webber (and their ``xtrace.m``) misses ``C`` and comes out some 10-35 % too small.
+    ``stderr`` adds ``C``, estimated without bias by the mean of ``D_ij D_ji`` over pairs
+    ``i != j``, where ``D_ij = t_i - t_i^(-j)`` and ``t_i^(-j)`` is ``t_i`` with probe
+    ``j`` also left out of the basis (all from the same products; ``O(k^3)`` host work).
+    The estimate is unbiased because, given the other probes, probe ``i`` is a fresh
+    Hutchinson probe for both ``t_i`` and ``t_i^(-j)``; a negative covariance estimate
+    (occasional, mostly at small ``k``) is replaced by 0. So ``stderr^2`` estimates the
+    mean squared error of the value; with few probes it is itself noisy, and
+    ``+-2 stderr`` then covers the trace somewhat less often than a normal 95 % (about
+    93-95 % at ``k = 20``, like a Student t interval). XTrace uses the probes
     as drawn (Rademacher or Gaussian); the paper's optional "improved" rescaling for
     spherical probes is not applied. For a sketch ``A Omega`` that is rank-deficient to
     working precision (``rank(A) < m // 2``), its range is the range of ``A`` and

@@ -84,16 +84,27 @@ def test_xtrace_equals_its_leave_one_out_definition():
     assert len(op.matmat_calls) == 2  # A Omega and A Q, each one block
     Omega = op.matmat_calls[0]
     Y = A @ Omega
-    loo = []
-    for i in range(Omega.shape[1]):
-        Q, _ = np.linalg.qr(np.delete(Y, i, axis=1))
+
+    def estimate(i, left_out):
+        """Basis of A Omega without the columns left_out, Hutchinson sample of probe i."""
+        Q, _ = np.linalg.qr(np.delete(Y, left_out, axis=1))
         P = np.eye(40) - Q @ Q.T
         w = Omega[:, i]
-        loo.append(np.trace(Q.T @ A @ Q) + w @ P @ A @ P @ w)
-    loo = np.array(loo)
+        return np.trace(Q.T @ A @ Q) + w @ P @ A @ P @ w
+
+    k = Omega.shape[1]
+    loo = np.array([estimate(i, [i]) for i in range(k)])
     assert est.value == pytest.approx(loo.mean(), abs=1e-12)
     np.testing.assert_allclose(est.samples, loo, atol=1e-12)
-    assert est.stderr == pytest.approx(loo.std(ddof=1) / math.sqrt(loo.size), rel=1e-10)
+    # stderr^2 = s^2 / k + the unbiased covariance estimate from the leave-two-out
+    # differences D_ij = t_i - t_i^(-j) (see dualhess._trace._xtrace_stderr).
+    D = np.array(
+        [[loo[i] - estimate(i, [i, j]) if i != j else 0.0 for i in range(k)] for j in range(k)]
+    )
+    covariance = max(0.0, float(np.sum(D * D.T)) / (k * (k - 1)))
+    expected = math.sqrt(loo.var(ddof=1) / k + covariance)
+    assert covariance > 0
+    assert est.stderr == pytest.approx(expected, rel=1e-10)
 
 
 def test_hutchpp_equals_its_definition_and_splits_the_budget():
