@@ -100,7 +100,9 @@ class AnalysisSettings:
     params : str or None
         A parameter block: comma-separated parameter names or name prefixes.
     eig_tol : float or None
-        Relative residual tolerance of the eigensolver; default 1e-10 (float64) / 1e-5 (float32).
+        The eigensolver's tolerance: a bound on each eigenvalue's error relative to the largest
+        ``|lambda|`` (:func:`dualhess.eigsh`, ``criterion="eigenvalue"``); default 1e-10
+        (float64) / 1e-5 (float32).
     crosscheck_probes : int
         Probes of the crosscheck when both frameworks run.
     progress : bool
@@ -165,7 +167,7 @@ class AnalysisSettings:
 
     @property
     def tolerance(self) -> float:
-        """The eigensolver's relative residual tolerance."""
+        """The eigensolver's tolerance (a relative bound on the eigenvalue errors)."""
         if self.eig_tol is not None:
             return float(self.eig_tol)
         return 1e-10 if self.dtype == "float64" else 1e-5

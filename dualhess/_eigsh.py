@@ -468,7 +468,7 @@ def eigsh(
     block_size: int = 1,
     v0: Any = None,
     residual_tol: float | None = None,
-    criterion: str = "residual",
+    criterion: str = "eigenvalue",
     basis: str = "device",
     basis_dir: Any = None,
 ) -> Eigen:
@@ -486,28 +486,30 @@ def eigsh(
         magnitude, ``'BE'`` both ends: ``k // 2`` from the low end and the rest (one more
         when ``k`` is odd) from the high end, as in ARPACK.
     tol : float
-        What "converged" means depends on ``criterion``. ``"residual"`` (default): a pair
-        ``(lambda, v)`` has converged when ``||H v - lambda v|| <= tol * max|theta|``, with
-        ``max|theta|`` the largest Ritz value in magnitude (an estimate of ``||H||``).
-        ``"eigenvalue"``: when a bound on the eigenvalue error ``|lambda - theta|`` is at
+        The accuracy asked for, relative to ``max|theta|`` (the largest Ritz value in
+        magnitude, an estimate of ``||H||``). With ``criterion="eigenvalue"`` (default) a
+        pair has converged when a bound on its eigenvalue error ``|lambda - theta|`` is at
         most ``tol * max|theta|``: ``r^2 / gap`` (Kato-Temple) where the gap to the rest of
-        the spectrum is known from the other Ritz values, ``r`` otherwise (see
-        :func:`error_bounds`). A residual ``r`` gives an eigenvalue error near
-        ``r^2 / gap``, so the residual test spends products on digits the eigenvalues do
-        not need (``tol=1e-3`` delivered errors near 1e-5); what it buys is accurate
-        eigenvectors (angle ``~ r / gap``).
+        the spectrum is known from the other Ritz values, the residual norm ``r`` otherwise
+        (see :func:`error_bounds`). With ``criterion="residual"``: when the residual
+        ``||H v - lambda v|| <= tol * max|theta|``. A residual ``r`` gives an eigenvalue
+        error near ``r^2 / gap``, so the residual test spends products on digits the
+        eigenvalues do not need (``tol=1e-3`` delivered errors near 1e-5); what it buys is
+        accurate eigenvectors (angle ``~ r / gap``): pass ``residual_tol`` (or
+        ``criterion="residual"``) when the vectors matter.
         ``tol`` is raised to ten times the machine epsilon of the operator's dtype. A
         bfloat16/float16 operator runs its Krylov work in float32 and stops once the residuals
         reach the unit roundoff of its products; its ``residuals`` are then recomputed with
         ``k`` fresh products and ``converged`` is judged on them against ``tol`` itself, so a
         ``tol`` below what 16-bit products support is reported as not converged.
-    criterion : {"residual", "eigenvalue"}
-        What ``tol`` bounds (above). ``"eigenvalue"`` is the error in the user's terms and
-        the fewest products; it is to become the default once every caller that needs
-        accurate eigenvectors passes ``residual_tol``.
+    criterion : {"eigenvalue", "residual"}
+        What ``tol`` bounds (above): ``"eigenvalue"`` (default), the error of the
+        eigenvalues in the user's terms and the fewest products; ``"residual"``, the
+        residual norm (scipy/ARPACK's meaning; the default before 0.2.0).
     residual_tol : float, optional
         A pair has converged only when also ``||H v - lambda v|| <= residual_tol *
-        max|theta|`` (accurate eigenvectors with ``criterion="eigenvalue"``).
+        max|theta|``: accurate eigenvectors (angle to the eigenvector ``<~ residual_tol *
+        max|theta| / gap``) on top of the eigenvalue bound.
     max_matvecs : int, optional
         Budget of operator products (default ``100 * max_basis``). When it runs out the
         current pairs are returned with ``converged`` False where they have not converged,
@@ -600,7 +602,7 @@ def eigsh(
             settings["block_size"] = block_size
         if residual_tol is not None:
             settings["residual_tol"] = residual_tol
-        if criterion != "residual":
+        if criterion != "eigenvalue":
             settings["criterion"] = criterion
         with checkpointed(op, checkpoint, checkpoint_every, "eigsh", settings) as work:
             return eigsh(work, k=k, which=which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, seed=seed, return_vectors=return_vectors, progress=progress, block_size=block_size, v0=v0, residual_tol=residual_tol, criterion=criterion, basis=basis, basis_dir=basis_dir)

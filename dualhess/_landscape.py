@@ -301,7 +301,7 @@ def loss_landscape(
         kind = "eigen"
         if dims >= op.n:
             raise ValueError(f"loss_landscape: dims={dims} eigenvectors need n > {dims}")
-        eig = eigsh(op, k=dims, which="LA", tol=tol, seed=rng)
+        eig = eigsh(op, k=dims, which="LA", tol=tol, seed=rng, criterion="residual")
         order = np.argsort(np.asarray(eig.values))[::-1]
         eigenvalues = tuple(float(eig.values[i]) for i in order)
         host = np.asarray(to_numpy(eig.vectors), dtype=np.float64)

@@ -179,7 +179,7 @@ def gradient_overlap(
         if k >= op.n:
             raise ValueError(f"gradient_overlap: k must be < n = {op.n}, got {k} (with k = n "
                              "the overlap is 1)")
-        eig = eigsh(op, k=k, which="LA", tol=tol, seed=seed)
+        eig = eigsh(op, k=k, which="LA", tol=tol, seed=seed, criterion="residual")
         order = np.argsort(np.asarray(eig.values))[::-1]
         vectors = np.asarray(to_numpy(eig.vectors), dtype=np.float64)[:, order]
         values = np.asarray(eig.values, dtype=np.float64)[order]

@@ -82,7 +82,7 @@ SCHEMA: dict[str, str] = {
     "results.<framework>.eigenvalues.values": "top-k eigenvalues, descending",
     "results.<framework>.eigenvalues.residuals": "||H v - lambda v|| of each eigenpair",
     "results.<framework>.eigenvalues.converged": "whether each pair met the tolerance",
-    "results.<framework>.eigenvalues.tol": "relative residual tolerance (of max |lambda|)",
+    "results.<framework>.eigenvalues.tol": "bound on each eigenvalue's error, relative to max |lambda| (eigsh's criterion='eigenvalue')",
     "results.<framework>.eigenvalues.num_matvecs": "Hessian-vector products spent",
     "results.<framework>.lambda_min": "value, residual, converged, num_matvecs of the smallest "
     "eigenvalue",
@@ -285,8 +285,8 @@ def markdown_report(report: dict[str, Any], *, plots: bool = True) -> str:
         + (f" (block: {', '.join(model['params'])})" if model.get("params") else "")
         + f"; source: `{src}`.",
         "",
-        f"Settings: top-{s['top_k']} eigenvalues (thick-restart Lanczos, relative residual "
-        f"tolerance {s['eig_tol']:.0e}); trace by XTrace with {s['trace_matvecs']} products; "
+        f"Settings: top-{s['top_k']} eigenvalues (thick-restart Lanczos, eigenvalue errors "
+        f"bounded by {s['eig_tol']:.0e} x max |lambda|); trace by XTrace with {s['trace_matvecs']} products; "
         f"density by stochastic Lanczos quadrature with {s['density_probes']} probes x "
         f"{s['density_steps']} steps; {s['dtype']}; seed {report['seed']}.",
         "",

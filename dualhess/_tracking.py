@@ -215,8 +215,9 @@ class SpectrumTracker:
         k = min(self.overlap_k, op.n - 1)
         host = op.fixed_shapes if self.host_lanczos is None else self.host_lanczos
         eigen_op = HostOperator(op) if host else op
+        # the overlap needs the eigenvectors, not only the values: tol bounds the residuals
         eig = eigsh(eigen_op, k=k, which="LA", tol=self.tol, max_matvecs=self.max_matvecs,
-                    seed=self.start_rng(step))
+                    seed=self.start_rng(step), criterion="residual")
         g = op.gradient()
         value, _ = overlap_of(g, eig.vectors)
         return {"gradient_overlap": value, "overlap_k": int(k),

@@ -237,6 +237,7 @@ class hessian:  # noqa: N801 - PyHessian's name, so that only the import changes
                 tol=tol,
                 seed=self._rng,
                 max_matvecs=max(maxIter * top_n, 100 + 2 * top_n),
+                criterion="residual",  # the eigenvectors are returned too: accurate ones
             )
             values, vectors = np.asarray(eig.values), eig.vectors
         return (

@@ -27,8 +27,10 @@ def expected_values(A: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.sort(np.r_[w[: k // 2], w[len(w) - (k - k // 2) :]])  # BE
 
 
-def check_result(A: np.ndarray, res, k: int, which: str, atol: float) -> None:
-    """Values against eigh, residuals against a recomputation, orthonormal vectors."""
+def check_result(A: np.ndarray, res, k: int, which: str, atol: float,
+                 criterion: str = "eigenvalue") -> None:
+    """Values against eigh, residuals against a recomputation, orthonormal vectors, and what
+    ``tol`` bounds under ``criterion``: the eigenvalue error, or the residual."""
     scale = np.abs(np.linalg.eigvalsh(A)).max()
     exact = expected_values(A, k, which)
     assert res.values.shape == (k,) and res.residuals.shape == (k,)
@@ -42,7 +44,12 @@ def check_result(A: np.ndarray, res, k: int, which: str, atol: float) -> None:
     np.testing.assert_allclose(V.T @ V, np.eye(k), rtol=0, atol=1e-12)
     recomputed = np.linalg.norm(A @ V - V * res.values, axis=0)
     np.testing.assert_allclose(res.residuals, recomputed, rtol=0, atol=1e-12 * scale)
-    assert np.all(recomputed <= res.tol * scale * (1 + 1e-6) + 1e-13 * scale)
+    if criterion == "residual":
+        assert np.all(recomputed <= res.tol * scale * (1 + 1e-6) + 1e-13 * scale)
+    else:
+        values = np.abs(res.values) if which == "LM" else res.values
+        wanted = np.abs(exact) if which == "LM" else exact
+        assert np.all(np.abs(values - wanted) <= res.tol * scale * (1 + 1e-6) + 1e-13 * scale)
 
 
 # name -> (eigenvalues, k, which). Each a spectrum the issue asks for.
@@ -66,12 +73,21 @@ def test_spectra_against_eigh(name, framework):
     lam, k, which = SPECTRA[name]
     A = make_symmetric(lam, seed=len(name))
     res = eigsh(dense_operator(A, framework), k, which=which, tol=1e-10, seed=1)
-    # |theta - lambda| <= ||r|| <= tol * max|lambda| = 1e-10 * max|lambda| (Weyl).
+    # the default criterion bounds |theta - lambda| by tol * max|lambda| = 1e-10 * max|lambda|
     check_result(A, res, k, which, atol=1e-9 * np.abs(lam).max())
     if framework == "torch":
         import torch
 
         assert isinstance(res.vectors, torch.Tensor) and res.vectors.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_spectra_against_eigh_residual_criterion(name):
+    # criterion="residual": ||H v - theta v|| <= tol * max|lambda|, and by Weyl the values too
+    lam, k, which = SPECTRA[name]
+    A = make_symmetric(lam, seed=len(name))
+    res = eigsh(DenseOperator(A), k, which=which, tol=1e-10, seed=1, criterion="residual")
+    check_result(A, res, k, which, atol=1e-9 * np.abs(lam).max(), criterion="residual")
 
 
 def test_multiplicity_five_all_copies_found():
@@ -89,7 +105,7 @@ def test_residuals_equal_recomputed_at_loose_tol():
     # At tol=1e-4 the residuals are large enough to compare relatively.
     lam = np.r_[np.linspace(0.0, 1.0, 296), 1.2, 1.3, 1.4, 1.5]
     A = make_symmetric(lam, seed=9)
-    res = eigsh(DenseOperator(A), 3, tol=1e-4, seed=0)
+    res = eigsh(DenseOperator(A), 3, tol=1e-4, seed=0, criterion="residual")
     V = res.vectors
     recomputed = np.linalg.norm(A @ V - V * res.values, axis=0)
     assert recomputed.max() > 1e-12  # not trivially converged

@@ -30,8 +30,8 @@ def test_fewer_products_than_the_residual_rule(hessian_like):
     # measured: 20 products against 23 at tol 1e-6 (errors 4.7e-9 and 3.5e-14 relative);
     # plain Lanczos with the step count chosen by an oracle needs 16
     A, exact = hessian_like
-    new = eigsh(DenseOperator(A), 5, tol=1e-6, seed=0, criterion="eigenvalue")
-    old = eigsh(DenseOperator(A), 5, tol=1e-6, seed=0)
+    new = eigsh(DenseOperator(A), 5, tol=1e-6, seed=0)  # the default: criterion="eigenvalue"
+    old = eigsh(DenseOperator(A), 5, tol=1e-6, seed=0, criterion="residual")
     print(f"eigenvalue rule {new.num_matvecs}, residual rule {old.num_matvecs} products")
     assert new.num_matvecs <= 20 < old.num_matvecs
     assert np.max(np.abs(new.values - exact)) <= 1e-6 * 10.0

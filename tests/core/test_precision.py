@@ -81,6 +81,9 @@ def _check_eigsh(op, H, name):
     assert np.all(exact_res <= res.residuals + C * u * lam_max)
     # a tol the precision supports converges, with the same honesty
     loose = dualhess.eigsh(op, k=3, tol=C * u * 4, seed=0)
+    assert np.all(loose.converged)
+    assert np.max(np.abs(loose.values - exact[:3])) <= C * u * 4 * loose.values[0]
+    loose = dualhess.eigsh(op, k=3, tol=C * u * 4, seed=0, criterion="residual")
     assert np.all(loose.converged) and np.all(loose.residuals <= C * u * 4 * loose.values[0])
 
 
