@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -474,14 +474,33 @@ def _check_symmetric(M: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------- layout
+def _to_device(x: Any, where: Any) -> Any:
+    """Move a native array to the device ``where`` (``x.to(where)`` for torch; the Array API
+    ``to_device`` otherwise). The one place the layout moves a block, so tests can watch it."""
+    import array_api_compat
+
+    return array_api_compat.to_device(x, where)
+
+
+def _device_key(where: Any) -> str | None:
+    """A device as the string the layout compares (``None`` stays ``None``)."""
+    return None if where is None else str(where)
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamEntry:
-    """One named parameter inside a flat vector: ``flat[start:stop].reshape(shape)``."""
+    """One named parameter inside a flat vector: ``flat[start:stop].reshape(shape)``.
+
+    ``device`` is where the parameter itself lives (a torch device, a JAX device or
+    sharding; ``None``: wherever the flat vector is). :meth:`ParamLayout.split` places the
+    block there.
+    """
 
     name: str
     shape: tuple[int, ...]
     start: int
     stop: int
+    device: Any = None
 
     @property
     def size(self) -> int:
@@ -493,10 +512,26 @@ class ParamEntry:
 
 
 class ParamLayout:
-    """The ordered parameter map of a flat vector: names, shapes and slices.
+    """The ordered parameter map of a flat vector: names, shapes, slices and placement.
 
     Backends build one per operator (``op.layout``) so vectors can be split into named
     tensors, joined back, and aligned across frameworks.
+
+    Placement is part of the layout: each entry may name the device its parameter lives on
+    (``ParamEntry.device``) and the layout the *home* device of its flat vectors
+    (``home``). :meth:`split` then hands out each block on its entry's device, and
+    :meth:`join` gathers blocks from wherever they are onto the home device, so a model whose
+    layers live on several devices (Hugging Face ``device_map="auto"``) gets its blocks where
+    its parameters are, while the algorithms only ever see flat vectors on one device. With
+    no devices named (the default) nothing is moved, as before.
+
+    Parameters
+    ----------
+    entries : sequence of ParamEntry
+        The parameters in flat order.
+    home : device, optional
+        The device flat vectors live on: :meth:`join` puts its result there. ``None``: the
+        result stays where the blocks are (they must then share a device).
 
     Examples
     --------
@@ -509,23 +544,52 @@ class ParamLayout:
     array([6., 7.])
     >>> layout.join(parts).shape
     (8,)
+
+    Entries that name devices (here all the host's, so nothing moves):
+
+    >>> placed = ParamLayout.from_shapes([("w", (2, 3)), ("b", (2,))],
+    ...                                  devices={"w": "cpu", "b": "cpu"}, home="cpu")
+    >>> placed.devices, placed.spans_devices
+    (('cpu',), False)
     """
 
-    def __init__(self, entries: Sequence[ParamEntry]) -> None:
+    def __init__(self, entries: Sequence[ParamEntry], *, home: Any = None) -> None:
         self.entries: tuple[ParamEntry, ...] = tuple(entries)
         self._by_name = {e.name: e for e in self.entries}
         if len(self._by_name) != len(self.entries):
             raise ValueError("ParamLayout: duplicate parameter names")
+        self.home = home
+        self._home_key = _device_key(home)
+        self._keys = tuple(_device_key(e.device) for e in self.entries)
 
     @classmethod
-    def from_shapes(cls, named_shapes: Iterable[tuple[str, Sequence[int]]]) -> ParamLayout:
+    def from_shapes(
+        cls,
+        named_shapes: Iterable[tuple[str, Sequence[int]]],
+        *,
+        devices: Mapping[str, Any] | None = None,
+        home: Any = None,
+    ) -> ParamLayout:
+        """A layout of consecutive blocks from ``(name, shape)`` pairs, in order.
+
+        Parameters
+        ----------
+        named_shapes : iterable of (str, tuple of int)
+            The parameters' names and shapes, in flat order.
+        devices : mapping of str to device, optional
+            Where each named parameter lives (``ParamEntry.device``); names left out (or
+            ``devices=None``) are placed nowhere in particular.
+        home : device, optional
+            The device of the flat vectors (see :class:`ParamLayout`).
+        """
+        devices = {} if devices is None else devices
         entries, start = [], 0
         for name, shape in named_shapes:
             shape = tuple(int(s) for s in shape)
             size = math.prod(shape)
-            entries.append(ParamEntry(name, shape, start, start + size))
+            entries.append(ParamEntry(name, shape, start, start + size, devices.get(name)))
             start += size
-        return cls(entries)
+        return cls(entries, home=home)
 
     @property
     def size(self) -> int:
@@ -534,6 +598,23 @@ class ParamLayout:
     @property
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
+
+    @property
+    def devices(self) -> tuple[Any, ...]:
+        """The distinct devices the entries name, in order of first appearance."""
+        seen: dict[str, Any] = {}
+        for entry, key in zip(self.entries, self._keys):
+            if key is not None and key not in seen:
+                seen[key] = entry.device
+        return tuple(seen.values())
+
+    @property
+    def spans_devices(self) -> bool:
+        """Whether the blocks live on more than one device, or on another than ``home``."""
+        keys = {k for k in self._keys if k is not None}
+        if self._home_key is not None and keys:
+            keys.add(self._home_key)
+        return len(keys) > 1
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -547,21 +628,66 @@ class ParamLayout:
         except KeyError:
             raise KeyError(f"no parameter {name!r}; known: {self.names}") from None
 
+    def _placed(self, block: Any, key: str | None, where: Any, have: str | None) -> Any:
+        """``block`` (now on the device whose key is ``have``) on ``where``."""
+        if key is None or key == have:
+            return block
+        return _to_device(block, where)
+
     def split(self, flat: Any) -> dict[str, Any]:
-        """Split a flat native vector into ``{name: array of the parameter's shape}``."""
+        """Split a flat native vector into ``{name: array of the parameter's shape}``, each
+        block on its entry's device (where the entry names one)."""
         xp = array_namespace(flat)
         if flat.shape[0] != self.size:
             raise ValueError(f"expected a flat vector of length {self.size}, got {flat.shape[0]}")
-        return {e.name: xp.reshape(flat[e.start : e.stop], e.shape) for e in self.entries}
+        have = _device_key(device(flat)) if any(k is not None for k in self._keys) else None
+        return {
+            e.name: self._placed(xp.reshape(flat[e.start : e.stop], e.shape), key, e.device, have)
+            for e, key in zip(self.entries, self._keys)
+        }
 
     def join(self, parts: dict[str, Any]) -> Any:
-        """Concatenate ``{name: array}`` back into one flat vector in layout order."""
+        """Concatenate ``{name: array}`` back into one flat vector in layout order, on the
+        home device (where the layout has one)."""
         missing = [n for n in self.names if n not in parts]
         if missing:
             raise KeyError(f"missing parameters: {missing}")
         first = parts[self.names[0]]
         xp = array_namespace(first)
-        return xp.concat([xp.reshape(parts[n], (-1,)) for n in self.names])
+        return xp.concat([xp.reshape(self._homed(parts[n]), (-1,)) for n in self.names])
+
+    def split_columns(self, block: Any) -> dict[str, Any]:
+        """Split an ``(n, k)`` block of ``k`` flat vectors into ``{name: (k, *shape)}``, each
+        on its entry's device: the batched form of :meth:`split` (``vmap`` over axis 0)."""
+        xp = array_namespace(block)
+        if block.shape[0] != self.size:
+            raise ValueError(f"expected a block with {self.size} rows, got {block.shape[0]}")
+        k = block.shape[1]
+        have = _device_key(device(block)) if any(c is not None for c in self._keys) else None
+        return {
+            e.name: self._placed(
+                xp.reshape(xp.permute_dims(block[e.start : e.stop, :], (1, 0)), (k, *e.shape)),
+                key, e.device, have,
+            )
+            for e, key in zip(self.entries, self._keys)
+        }
+
+    def join_columns(self, parts: dict[str, Any]) -> Any:
+        """Join ``{name: (k, *shape)}`` into an ``(n, k)`` block on the home device: the
+        inverse of :meth:`split_columns`."""
+        missing = [n for n in self.names if n not in parts]
+        if missing:
+            raise KeyError(f"missing parameters: {missing}")
+        first = parts[self.names[0]]
+        xp = array_namespace(first)
+        k = first.shape[0]
+        rows = xp.concat([xp.reshape(self._homed(parts[n]), (k, -1)) for n in self.names], axis=1)
+        return xp.permute_dims(rows, (1, 0))
+
+    def _homed(self, part: Any) -> Any:
+        if self._home_key is None:
+            return part
+        return self._placed(part, self._home_key, self.home, _device_key(device(part)))
 
     def select(self, names: Sequence[str] | Callable[[str], bool]) -> list[ParamEntry]:
         """The entries named in ``names`` (a list, or a predicate on names), in layout order."""
@@ -578,10 +704,17 @@ class ParamLayout:
         return chosen
 
     def to_dict(self) -> list[dict[str, Any]]:
-        return [
-            {"name": e.name, "shape": list(e.shape), "start": e.start, "stop": e.stop}
-            for e in self.entries
-        ]
+        """The entries as plain data; ``"device"`` only for entries that name one."""
+        out = []
+        for e in self.entries:
+            row = {"name": e.name, "shape": list(e.shape), "start": e.start, "stop": e.stop}
+            if e.device is not None:
+                row["device"] = str(e.device)
+            out.append(row)
+        return out
 
     def __repr__(self) -> str:
-        return f"ParamLayout({len(self)} tensors, size={self.size})"
+        where = ""
+        if self.spans_devices:
+            where = f", devices={[str(d) for d in self.devices]}, home={self.home}"
+        return f"ParamLayout({len(self)} tensors, size={self.size}{where})"

@@ -49,7 +49,6 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ._data import Batch
-from ._engines import columns_to_dict, dict_to_columns
 from ._hessian import BuildOptions, TorchCurvatureOperator, build_operator
 from ._params import ParamSpec
 
@@ -93,15 +92,15 @@ class GGNOperator(TorchCurvatureOperator):
         out = torch.zeros_like(v)
         for weight, batch in self.dataset.batches():
             g = self._batch(batch, tangents, vectorised=False)
-            out += weight * torch.cat([g[e.name].reshape(-1) for e in self.layout])
+            out += weight * self.layout.join(g)
         return out
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        tangents = columns_to_dict(self.layout, V)
+        tangents = self.layout.split_columns(V)
         out = torch.zeros_like(V)
         for weight, batch in self.dataset.batches():
             g = self._batch(batch, tangents, vectorised=True)
-            out += weight * dict_to_columns(self.layout, g, V.shape[1])
+            out += weight * self.layout.join_columns(g)
         return out
 
 
@@ -200,8 +199,7 @@ class FisherOperator(TorchCurvatureOperator):
                 "(torch.func.vmap) refuse and which would make the Fisher a random matrix. "
                 "Make the randomness follow model.eval() (training=self.training)."
             ) from err
-        B = targets.shape[0]
-        return torch.cat([grads[e.name].reshape(B, -1) for e in self.layout], dim=1)
+        return self.layout.join_columns(grads).T  # (B, n) on the home device
 
     def _gradient_blocks(self):
         """Yield ``(weight, G)`` with ``G`` the ``(B, n)`` per-sample gradients of a batch."""

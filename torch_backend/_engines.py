@@ -39,6 +39,7 @@ __all__ = [
     "AutogradEngine",
     "PyHessianEngine",
     "ColumnsEngine",
+    "TimedMatmatEngine",
     "ChosenEngine",
     "choose_engines",
     "columns_to_dict",
@@ -58,14 +59,15 @@ BATCH_MARGIN = 0.8
 
 
 def columns_to_dict(layout: ParamLayout, V: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Split a flat ``(n, k)`` block into ``{name: (k, *shape)}``."""
-    k = V.shape[1]
-    return {e.name: V[e.start : e.stop].T.reshape((k, *e.shape)) for e in layout}
+    """Split a flat ``(n, k)`` block into ``{name: (k, *shape)}``, each block on its
+    parameter's device (:meth:`dualhess.ParamLayout.split_columns`)."""
+    return layout.split_columns(V)
 
 
 def dict_to_columns(layout: ParamLayout, parts: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-    """Join ``{name: (k, *shape)}`` into a flat ``(n, k)`` block."""
-    return torch.cat([parts[e.name].reshape(k, -1) for e in layout], dim=1).T
+    """Join ``{name: (k, *shape)}`` into a flat ``(n, k)`` block on the layout's home device
+    (:meth:`dualhess.ParamLayout.join_columns`)."""
+    return layout.join_columns(parts)
 
 
 class _Engine:
@@ -119,7 +121,7 @@ class FuncEngine(_Engine):
         out = torch.zeros_like(v)
         for weight, batch in self.objective.dataset.batches():
             hv = self._hvp(batch, tangents)
-            out += weight * torch.cat([hv[e.name].reshape(-1) for e in self.layout])
+            out += weight * self.layout.join(hv)
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -189,23 +191,26 @@ class AutogradEngine(_Engine):
         # backward with strided grad_outputs measured 2x the CPU time of a contiguous one
         # (tiny ViT, n = 81,226), so one copy of n numbers first.
         v = v.contiguous()
-        parts = [v[e.start : e.stop].reshape(e.shape) for e in self.layout]
+        parts = list(self.layout.split(v).values())  # each block on its parameter's device
         out = torch.zeros_like(v)
         for graph in self._graphs():
             hv = self._product(graph, parts, batched=False)
-            out += torch.cat([h.reshape(-1) for h in hv])
+            out += self.layout.join(dict(zip(self.layout.names, hv)))  # onto the home device
         return out
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def matmat(self, V: torch.Tensor, *, batched: bool | None = None) -> torch.Tensor:
+        """``H V``: each batch's first-order graph is built once (or kept) and differentiated
+        for every column, in one batched backward (``batched=True``, the default while it
+        works) or one backward per column (``batched=False``)."""
         k = V.shape[1]
         parts_dict = columns_to_dict(self.layout, V)
         parts = [parts_dict[e.name] for e in self.layout]
         out = torch.zeros_like(V)
         for graph in self._graphs():
-            if self.batched:
+            if self.batched and batched is not False:
                 try:
                     hv = self._product(graph, parts, batched=True)
-                    out += torch.cat([h.reshape(k, -1) for h in hv], dim=1).T
+                    out += self.layout.join_columns(dict(zip(self.layout.names, hv)))
                     continue
                 except RuntimeError:
                     # batched double backward is not implemented for every layer (GroupNorm
@@ -213,7 +218,7 @@ class AutogradEngine(_Engine):
                     self.batched = False
             for j in range(k):
                 hv = self._product(graph, [p[j] for p in parts], batched=False)
-                out[:, j] += torch.cat([h.reshape(-1) for h in hv])
+                out[:, j] += self.layout.join(dict(zip(self.layout.names, hv)))
         return out
 
 
@@ -264,6 +269,57 @@ class ColumnsEngine:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.engine.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+
+class TimedMatmatEngine:
+    """``matmat`` of the autograd engine on a CPU when the data come in several batches.
+
+    With several batches no first-order graph is kept, so column by column (``matvec`` per
+    column) rebuilds every batch's graph for every column. Two ways build each graph once per
+    call: one batched backward for all columns, or one backward per column on the graph. Which
+    is faster depends on the layers (measured on 2 cores: an MLP's batched backward costs half
+    the per-column one at 32 columns over 4 batches; a ResNet's costs 3.5 single products per
+    column). The first ``matmat`` of at least ``2 * PROBE_COLUMNS`` columns runs
+    ``PROBE_COLUMNS`` columns each way, times them, and computes the rest (and every later
+    call) the faster way: no product is spent on the choice. Until then, batched.
+    """
+
+    #: Columns timed each way on the first wide enough ``matmat``.
+    PROBE_COLUMNS = 4
+
+    def __init__(self, engine: AutogradEngine) -> None:
+        self.engine = engine
+        self.batched: bool | None = None  # not decided yet
+        self.timings: dict[str, float] = {}
+        self.report: Callable[[str, dict[str, float]], None] | None = None
+
+    @property
+    def name(self) -> str:
+        if self.batched is None:
+            return "autograd (batched; timed against columns per graph on the first matmat)"
+        return "autograd (batched)" if self.batched else "autograd (columns per graph)"
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.engine.matvec(v)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        probe = self.PROBE_COLUMNS
+        if self.batched is not None or V.shape[1] < 2 * probe:
+            return self.engine.matmat(V, batched=self.batched is not False)
+        device = V.device
+        first, batched_seconds = _timed(lambda: self.engine.matmat(V[:, :probe], batched=True),
+                                        device)
+        second, column_seconds = _timed(
+            lambda: self.engine.matmat(V[:, probe : 2 * probe], batched=False), device)
+        self.batched = batched_seconds <= column_seconds
+        self.timings = {"autograd (batched, per column)": batched_seconds / probe,
+                        "autograd (columns per graph, per column)": column_seconds / probe}
+        if self.report is not None:
+            self.report(self.name, self.timings)
+        parts = [first, second]
+        if V.shape[1] > 2 * probe:
+            parts.append(self.engine.matmat(V[:, 2 * probe :], batched=self.batched))
+        return torch.cat(parts, dim=1)
 
 
 class ChosenEngine:
@@ -325,7 +381,10 @@ def choose_engines(
     3. ``matmat``: on a CPU, one vectorised product of ``b`` columns costs about ``b`` single
        ones or more (measured: the batched double backward of the ResNet-18-layout network
        3.5x the single product per column on 2 cores), so it is the ``matvec`` engine column
-       by column, without a probe. On other devices (GPUs), where the reverse holds, one
+       by column, without a probe, where the graph is kept (one batch). With several batches
+       the autograd engine keeps no graph and column by column would rebuild it per column:
+       :class:`TimedMatmatEngine` times a batched backward against one backward per column
+       on each graph during the first wide ``matmat`` and keeps the faster. On other devices (GPUs), where the reverse holds, one
        two-column batched product of the ``matvec`` engine is timed and kept when its cost per
        column is at most ``BATCH_MARGIN`` times one single product.
 
@@ -399,6 +458,8 @@ def choose_engines(
             timings[f"{best} (batched, per column)"] = seconds / 2
             if seconds / 2 <= BATCH_MARGIN * timings[best]:
                 matmat_engine = matvec_engine
+    elif best == "autograd" and matvec_engine._cache is None:
+        matmat_engine = TimedMatmatEngine(matvec_engine)
     matmat_name = getattr(matmat_engine, "name", best)
     if matmat_engine is matvec_engine:
         matmat_name = f"{best} (batched)"

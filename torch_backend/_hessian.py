@@ -14,7 +14,7 @@ import dualhess
 
 from ._data import Dataset, Objective, resolve_reduction
 from ._distributed import all_reduce_sum, unwrap_ddp
-from ._engines import ENGINES, choose_engines
+from ._engines import ENGINES, TimedMatmatEngine, choose_engines
 from ._memory import resolve_auto_chunk
 from ._params import ParamSpec, prepare_model, select_params
 from ._validity import ParameterWatch, check_model_mode, check_symmetric
@@ -44,7 +44,11 @@ SHARED_PARAMETERS = """\
     dtype : torch.dtype, optional
         Analyse a copy of the model and data in this dtype (e.g. ``torch.float64``).
     device : torch.device or str, optional
-        Analyse a copy of the model, and the data, on this device.
+        Analyse a copy of the model, and the data, on this device. Refused for a model whose
+        parameters live on several devices (``device_map="auto"``): such a model is analysed
+        where it is, each parameter on its own device, with the flat vectors and the data on
+        its first parameter's device (``op.layout``;
+        :func:`torch_backend._params.prepare_model`).
     reduction : {"mean", "sum"}, optional
         For a plain callable ``loss_fn`` or a ``closure`` (default ``"mean"``): whether it
         averages or sums over a batch. Read from ``loss_fn.reduction`` for loss modules.
@@ -158,7 +162,7 @@ def build_objective(
     work, dtype_, device_, converted = prepare_model(model, _resolve_dtype(options.dtype),
                                                      options.device)
     check_model_mode(work, several_batches=False)
-    layout, selected, fixed = select_params(work, options.params)
+    layout, selected, fixed = select_params(work, options.params, home=device_)
     dataset = Dataset(
         data,
         reduction=reduction,
@@ -221,7 +225,7 @@ def batch_normalizers(
     reduction = resolve_reduction(loss_fn, None)
     model = unwrap_ddp(model)
     work, dtype_, device_, converted = prepare_model(model, _resolve_dtype(dtype), None)
-    layout, selected, fixed = select_params(work, None)
+    layout, selected, fixed = select_params(work, None, home=device_)
     dataset = Dataset(data, reduction=reduction, dtype=dtype_, device=device_,
                       convert=converted, check_deterministic=False)
     objective = Objective(work, dataset, loss_fn=loss_fn)
@@ -387,12 +391,20 @@ def _reduced(local: Callable[..., torch.Tensor], group: Any) -> Callable[..., to
 
 
 class TorchCurvatureOperator(dualhess.Operator):
-    """Base class of the torch curvature operators (flat torch vectors on the model's device).
+    """Base class of the torch curvature operators (flat torch vectors on the home device).
+
+    Flat vectors (the products' inputs and outputs, :meth:`gradient`, :attr:`params_flat`)
+    live on the *home device*: the ``device=`` the user passed, else the device of the
+    model's first parameter. A model whose parameters live on several devices (Hugging Face
+    ``device_map="auto"``) is analysed where it is: ``op.layout`` names each parameter's
+    device, products split their vectors into blocks on those devices and join the results
+    back onto the home device (``op.layout.spans_devices`` says whether any block moves).
 
     Attributes
     ----------
     layout : dualhess.ParamLayout
-        Names (from ``model.named_parameters()``), shapes and slices of the flat vector.
+        Names (from ``model.named_parameters()``), shapes and slices of the flat vector, each
+        parameter's device and the home device of flat vectors (``layout.home``).
     objective : torch_backend._data.Objective
         The model and its loss (``loss_fn`` or a closure): ``objective.total_loss(params)``.
     dataset : torch_backend._data.Dataset
@@ -520,10 +532,10 @@ class TorchCurvatureOperator(dualhess.Operator):
                 loss = self.objective.batch_loss({**self.fixed, **leaves}, batch)
                 grads = torch.autograd.grad(loss, [leaves[name] for name in names],
                                             allow_unused=True)
-            flat = torch.cat([
-                torch.zeros(leaves[name].numel(), dtype=self.dtype, device=total.device)
-                if g is None else g.reshape(-1) for name, g in zip(names, grads)
-            ])
+            flat = self.layout.join({
+                name: torch.zeros_like(leaves[name]) if g is None else g
+                for name, g in zip(names, grads)
+            })
             total = total + weight * flat.detach()
         return all_reduce_sum(total, self.dataset.group)
 
@@ -614,7 +626,14 @@ class HessianOperator(TorchCurvatureOperator):
         self.method_timings.update(timings)
         self.method_failures.update(failures)
         self._probe = probe
+        if isinstance(engine.matmat_engine, TimedMatmatEngine):
+            engine.matmat_engine.report = self._matmat_chosen
         return best, engine
+
+    def _matmat_chosen(self, name: str, timings: dict[str, float]) -> None:
+        """The engine :class:`~torch_backend._engines.TimedMatmatEngine` picked."""
+        self.matmat_method = name
+        self.method_timings.update(timings)
 
     def _check_deterministic(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Reuse the two products ``"auto"`` made of one vector (two engines, same matrix);

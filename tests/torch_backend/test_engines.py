@@ -196,3 +196,47 @@ def test_strided_column_of_a_basis_gives_the_same_product(method):
     out = op.matvec(column)
     assert float(torch.linalg.norm(out - expected)) <= 1e-12 * float(torch.linalg.norm(expected))
     assert float(torch.linalg.norm(out - op.matvec(column.contiguous()))) == 0.0
+
+
+@pytest.mark.parametrize(("batched_cost", "columns_cost", "expected"),
+                         [(1.0, 3.0, "autograd (batched)"),
+                          (3.0, 1.0, "autograd (columns per graph)")])
+def test_auto_matmat_over_several_batches_is_timed_on_the_first_wide_call(
+        monkeypatch, batched_cost, columns_cost, expected):
+    """Several batches on a CPU: no graph is kept, so column by column would rebuild every
+    graph per column. The first matmat of >= 8 columns runs 4 columns batched and 4 per
+    graph, keeps the faster way for the rest and later calls, and spends no extra product."""
+    model, X, y = _problem()
+    batches = [(X[:7], y[:7]), (X[7:14], y[7:14]), (X[14:], y[14:])]
+    op = tb.hessian(model, CE, batches)
+    assert op.method == "autograd" and op.matmat_method.startswith("autograd (batched; timed")
+    engine = op._engine.matmat_engine
+    assert isinstance(engine, _engines.TimedMatmatEngine)
+    now = [0.0]
+    monkeypatch.setattr(_engines, "_clock", lambda: now[0])
+    original = _engines.AutogradEngine.matmat
+    calls = []
+
+    def timed(self, V, *, batched=None):
+        calls.append((V.shape[1], batched))
+        now[0] += (batched_cost if batched is not False else columns_cost) * V.shape[1]
+        return original(self, V, batched=batched)
+
+    monkeypatch.setattr(_engines.AutogradEngine, "matmat", timed)
+    V = torch.randn(op.n, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    H = _dense(model, X, y)
+    out = op.matmat(V)
+    assert float(torch.linalg.norm(out - H @ V)) <= 1e-12 * float(torch.linalg.norm(H @ V))
+    chose_batched = expected == "autograd (batched)"
+    assert calls == [(4, True), (4, False), (3, chose_batched)]  # 11 columns, 11 products
+    assert op.matmat_method == expected
+    assert op.method_timings["autograd (batched, per column)"] == pytest.approx(batched_cost)
+    calls.clear()
+    op.matmat(V[:, :2])  # later calls: the kept way, no timing
+    assert calls == [(2, chose_batched)]
+
+
+def test_auto_matmat_with_one_batch_stays_column_by_column_on_the_kept_graph():
+    model, X, y = _problem()
+    op = tb.hessian(model, CE, (X, y))
+    assert op.matmat_method == "autograd (columns)"
