@@ -27,6 +27,7 @@ from ._hessian import (
     reduce_loss,
 )
 from ._input import InputHessianOperator, input_hessian
+from ._sharding import ParamPlacement, ParamShardingError, shard_largest_axis
 from .monitor import HessianMonitor
 from .twin import Twin, UnsupportedOpError, batch_from_torch, from_torch, loss_from_torch
 
@@ -51,4 +52,7 @@ __all__ = [
     "DEFAULT_DENSE_HESSIAN_LIMIT",
     "input_hessian",
     "InputHessianOperator",
+    "shard_largest_axis",
+    "ParamPlacement",
+    "ParamShardingError",
 ]

@@ -13,7 +13,14 @@ from typing import Any
 
 import jax
 
-from ._hessian import _NORMALIZER_DOC, PytreeOperator, _batch_size, check_pair, reduce_loss
+from ._hessian import (
+    _NORMALIZER_DOC,
+    PytreeOperator,
+    _batch_size,
+    check_one_placement,
+    check_pair,
+    reduce_loss,
+)
 
 __all__ = ["GGNOperator", "ggn"]
 
@@ -30,7 +37,7 @@ class GGNOperator(PytreeOperator):
         **options: Any,
     ) -> None:
         # options: chunk_size, dtype, prefix, check_deterministic, normalizer,
-        # check_symmetric (see PytreeOperator)
+        # check_symmetric, param_sharding (see PytreeOperator)
         if not callable(apply_fn) or not callable(loss):
             raise TypeError("ggn: apply_fn and loss must be callable")
         self.apply_fn = apply_fn
@@ -120,6 +127,7 @@ def ggn(
     check_deterministic: bool = True,
     normalizer: Callable[[Any], Any] | None = None,
     check_symmetric: bool = True,
+    param_sharding: Any = None,
 ) -> GGNOperator:
     """The generalised Gauss-Newton matrix ``G = J^T H_L J`` over a data set.
 
@@ -141,7 +149,7 @@ def ggn(
         The parameters.
     data : batch or iterable of batches
         Every batch is a pair ``(inputs, targets)``; weighting as in :func:`hessian`.
-    chunk_size, dtype, devices, check_deterministic, normalizer, check_symmetric
+    chunk_size, dtype, devices, check_deterministic, normalizer, check_symmetric, param_sharding
         As in :func:`jax_backend.hessian`; ``normalizer(batch)`` sees the pair
         ``(inputs, targets)``.
 
@@ -163,6 +171,7 @@ def ggn(
     >>> bool(jnp.linalg.eigvalsh(op.to_dense()).min() > -1e-6)  # PSD
     True
     """
+    check_one_placement(devices, param_sharding, "ggn")
     op = GGNOperator(
         apply_fn,
         loss,
@@ -173,6 +182,7 @@ def ggn(
         check_deterministic=check_deterministic,
         normalizer=normalizer,
         check_symmetric=check_symmetric,
+        param_sharding=param_sharding,
     )
     return op if devices is None else op.shard(devices)
 

@@ -95,6 +95,7 @@ def _build(
     check_deterministic: bool = True,
     normalizer: Callable[[Any], Any] | None = None,
     check_symmetric: bool = True,
+    param_sharding: Any = None,
 ) -> PytreeOperator:
     if not callable(loss):
         raise TypeError(f"{where}: loss must be callable loss(outputs, targets)")
@@ -102,6 +103,7 @@ def _build(
     options["check_deterministic"] = check_deterministic
     options["normalizer"] = normalizer
     options["check_symmetric"] = check_symmetric
+    options["param_sharding"] = param_sharding
     if curvature == "ggn":
         return GGNOperator(apply_fn, loss, params, data, **options)
     if curvature != "hessian":
@@ -142,6 +144,7 @@ def from_linen(
     check_deterministic: bool = True,
     normalizer: Callable[[Any], Any] | None = None,
     check_symmetric: bool = True,
+    param_sharding: Any = None,
 ) -> PytreeOperator:
     """Curvature of a Flax linen module with respect to its ``params`` collection.
 
@@ -182,6 +185,9 @@ def from_linen(
         :func:`jax_backend.hessian`.
     check_symmetric : bool
         The construction-time symmetry probe, as in :func:`jax_backend.hessian`.
+    param_sharding : pytree of NamedSharding, "largest_axis" or Mesh, optional
+        Shard the parameters over a mesh, as in :func:`jax_backend.hessian`; a pytree is
+        shaped like ``variables["params"]``.
 
     Returns
     -------
@@ -240,6 +246,7 @@ def from_linen(
             check_deterministic,
             normalizer,
             check_symmetric,
+            param_sharding,
         )
     except flax.errors.ScopeCollectionNotFound as err:
         raise ValueError(
@@ -268,6 +275,7 @@ def from_nnx(
     check_deterministic: bool = True,
     normalizer: Callable[[Any], Any] | None = None,
     check_symmetric: bool = True,
+    param_sharding: Any = None,
 ) -> PytreeOperator:
     """Curvature of a Flax nnx model with respect to its ``nnx.Param`` state.
 
@@ -303,6 +311,10 @@ def from_nnx(
         ``loss`` divides by; see :func:`jax_backend.hessian`.
     check_symmetric : bool
         The construction-time symmetry probe, as in :func:`jax_backend.hessian`.
+    param_sharding : pytree of NamedSharding, "largest_axis" or Mesh, optional
+        Shard the parameters over a mesh, as in :func:`jax_backend.hessian`; a pytree is
+        shaped like the pure dict of the ``nnx.Param`` state
+        (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``).
 
     Raises
     ------
@@ -364,6 +376,7 @@ def from_nnx(
             check_deterministic,
             normalizer,
             check_symmetric,
+            param_sharding,
         )
     except flax.errors.TraceContextError as err:
         raise ValueError(

@@ -38,6 +38,7 @@ from dualhess._operator import Operator, OperatorError, ParamLayout
 
 from ._data import Dataset, path_name, prepare_data, x64_enabled
 from ._memory import free_device_memory
+from ._sharding import ParamPlacement, ParamShardingError, resolve_param_sharding
 from ._validity import check_loss_depends_on_params, check_normalizer_is_fixed, computation_dtype
 from ._validity import check_symmetric as check_symmetric_probe
 
@@ -93,7 +94,9 @@ def _resolve_dtype(leaves: list[tuple[str, Any]], dtype: Any, where: str) -> Any
     return jnp.dtype(dtype)
 
 
-def _prepare_params(params: Any, dtype: Any, where: str, prefix: str) -> tuple[Any, ...]:
+def _prepare_params(
+    params: Any, dtype: Any, where: str, prefix: str, param_sharding: Any = None
+) -> tuple[Any, ...]:
     flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not flat_with_path:
         raise ValueError(f"{where}: the parameter pytree has no leaves")
@@ -104,12 +107,18 @@ def _prepare_params(params: Any, dtype: Any, where: str, prefix: str) -> tuple[A
     bad = [name for (name, _), leaf in zip(named, leaves) if not bool(jnp.all(jnp.isfinite(leaf)))]
     if bad:
         raise ValueError(f"{where}: parameters contain NaN or Inf: {bad}")
+    layout = ParamLayout.from_shapes([(name, leaf.shape) for (name, _), leaf in zip(named, leaves)])
+    if param_sharding is not None:
+        # The leaves go straight to their shardings; the flat vector is joined by a compiled
+        # function with the vector sharding, so no device ever holds a gathered copy.
+        placement = resolve_param_sharding(param_sharding, params, layout, where)
+        tree = jax.tree_util.tree_unflatten(treedef, placement.place(leaves))
+        return placement.ravel(tree), placement.split, treedef, layout, dtype, placement
     tree = jax.tree_util.tree_unflatten(treedef, leaves)
     flat, unravel = ravel_pytree(tree)
-    layout = ParamLayout.from_shapes([(name, leaf.shape) for (name, _), leaf in zip(named, leaves)])
     if layout.size != flat.shape[0]:  # pragma: no cover - ravel_pytree contract
         raise AssertionError("layout and ravel_pytree disagree")
-    return flat, unravel, treedef, layout, dtype
+    return flat, unravel, treedef, layout, dtype, None
 
 
 def reduce_loss(value: Any, batch_size: int, where: str = "loss") -> jax.Array:
@@ -220,10 +229,15 @@ class PytreeOperator(Operator):
         The flat parameter vector the curvature is taken at.
     dataset : jax_backend.data.Dataset
         The batches, on the device, grouped by shape.
+    placement : jax_backend.ParamPlacement or None
+        Where the parameters and the flat vectors live when the operator was built with
+        ``param_sharding=`` (see :func:`hessian`); None otherwise.
     num_traces : int
         How many times the whole-data-set product has been traced (compiled): one for
         ``matvec`` plus one per distinct column count of ``matmat``.
     """
+
+    placement: ParamPlacement | None = None
 
     def __init__(
         self,
@@ -237,17 +251,24 @@ class PytreeOperator(Operator):
         check_deterministic: bool = True,
         normalizer: Callable[[Any], Any] | None = None,
         check_symmetric: bool = True,
+        param_sharding: Any = None,
     ) -> None:
         auto_chunk = chunk_size == "auto"
         chunk_size = None if auto_chunk else chunk_size
-        flat, unravel, treedef, layout, dtype = _prepare_params(params, dtype, where, prefix)
+        flat, unravel, treedef, layout, dtype, placement = _prepare_params(
+            params, dtype, where, prefix, param_sharding
+        )
+        self.placement: ParamPlacement | None = placement
         self._where = where
         self._unravel_fn = unravel
         self._treedef = treedef
         self.params_flat = flat
         self.dataset: Dataset = prepare_data(data, dtype, where)
         n = int(flat.shape[0])
-        super().__init__((n, n), dtype, like=jnp.zeros((0,), dtype), chunk_size=chunk_size)
+        like = jnp.zeros((0,), dtype)
+        if placement is not None:  # op.asarray(...) then makes vectors with this sharding
+            like = jax.device_put(like, placement.vector_sharding)
+        super().__init__((n, n), dtype, like=like, chunk_size=chunk_size)
         self.layout = layout
         self.num_traces = 0
         self._normalizer = normalizer
@@ -268,16 +289,22 @@ class PytreeOperator(Operator):
                 jnp.zeros_like(v),
             )
 
-        self._matvec_jit = jax.jit(total)
-        self._matmat_jit = jax.jit(jax.vmap(total, in_axes=(None, None, 1), out_axes=1))
+        vector_out = None if placement is None else placement.vector_sharding
+        matrix_out = None if placement is None else placement.matrix_sharding
+        self._matvec_jit = jax.jit(total, out_shardings=vector_out)
+        self._matmat_jit = jax.jit(
+            jax.vmap(total, in_axes=(None, None, 1), out_axes=1), out_shardings=matrix_out
+        )
         self._linearized: Any = None  # see _linearization()
 
         def apply(linear_fn: Any, v: jax.Array) -> jax.Array:
             self.num_traces += 1  # Python side effect: runs only while tracing
             return linear_fn(v)
 
-        self._apply_jit = jax.jit(apply)
-        self._apply_mat_jit = jax.jit(jax.vmap(apply, in_axes=(None, 1), out_axes=1))
+        self._apply_jit = jax.jit(apply, out_shardings=vector_out)
+        self._apply_mat_jit = jax.jit(
+            jax.vmap(apply, in_axes=(None, 1), out_axes=1), out_shardings=matrix_out
+        )
         #: The relative asymmetry |u^T H v - v^T H u| / (|u||Hv| + |v||Hu|) the probe
         #: measured at construction (None when skipped with check_symmetric=False).
         self.asymmetry: float | None = None
@@ -391,7 +418,9 @@ class PytreeOperator(Operator):
         )
 
     # -- the loss behind the curvature
-    def _whole_data(self, per_batch: Callable[[jax.Array, Any], jax.Array]) -> Callable:
+    def _whole_data(
+        self, per_batch: Callable[[jax.Array, Any], jax.Array], out_shardings: Any = None
+    ) -> Callable:
         """Jit ``flat -> sum_b weight_b * per_batch(flat, batch_b)`` over the data set."""
         group_weights = self.dataset.group_weights
 
@@ -403,7 +432,7 @@ class PytreeOperator(Operator):
                 direct_single=False,
             )
 
-        return jax.jit(total)
+        return jax.jit(total, out_shardings=out_shardings)
 
     @functools.cached_property
     def _loss_jit(self) -> Callable[..., Any]:
@@ -411,7 +440,9 @@ class PytreeOperator(Operator):
 
     @functools.cached_property
     def _gradient_jit(self) -> Callable[..., Any]:
-        return self._whole_data(jax.grad(self._batch_loss))
+        placement = getattr(self, "placement", None)
+        out = None if placement is None else placement.vector_sharding
+        return self._whole_data(jax.grad(self._batch_loss), out)
 
     def loss_at(self, delta: jax.Array) -> float:
         """The whole-data-set loss at ``theta + delta`` (batches weighted as in the products:
@@ -531,12 +562,16 @@ class PytreeOperator(Operator):
 
     # -- products
     def _matvec(self, v: jax.Array) -> jax.Array:
+        if self.placement is not None:
+            v = self.placement.make(v)
         linear = self._linearization()
         if linear is not None:
             return self._linear_scaled(self._apply_jit(linear, v))
         return self._matvec_jit(self.params_flat, self.dataset.groups, v)
 
     def _matmat(self, V: jax.Array) -> jax.Array:
+        if self.placement is not None:
+            V = self.placement.make(V)
         k = V.shape[1]
         width = self.chunk_size
         linear = self._linearization()
@@ -573,19 +608,29 @@ class PytreeOperator(Operator):
         """
         from ._distributed import shard_operator
 
+        if getattr(self, "placement", None) is not None:
+            raise ParamShardingError(
+                f"{self._where}: this operator's parameters are sharded (param_sharding=), so "
+                "its batches cannot also be spread with shard()/devices=: the two would use "
+                "two meshes over the same devices. Use one: param_sharding= for parameters "
+                "too large for one device, devices= for data parallelism"
+            )
         return shard_operator(self, devices)
 
     # -- pytree helpers
     @property
     def params(self) -> Any:
-        """The parameter pytree the curvature is taken at (cast to the operator's dtype)."""
-        return self._unravel_fn(self.params_flat)
+        """The parameter pytree the curvature is taken at (cast to the operator's dtype;
+        with ``param_sharding=``, every leaf on its sharding)."""
+        return self.unravel(self.params_flat)
 
     def unravel(self, flat: Any) -> Any:
         """Turn a flat ``(n,)`` vector into a pytree shaped like the parameters."""
         shape = tuple(getattr(flat, "shape", ()))
         if shape != (self.n,):
             raise OperatorError(f"unravel expects a flat vector of shape ({self.n},), got {shape}")
+        if self.placement is not None:
+            return self.placement.unravel(self.placement.make(flat, self.dtype))
         return self._unravel_fn(jnp.asarray(flat, dtype=self.dtype))
 
     def ravel(self, tree: Any) -> jax.Array:
@@ -603,6 +648,9 @@ class PytreeOperator(Operator):
                     f"ravel: leaf {entry.name!r} has shape {tuple(jnp.shape(leaf))}, "
                     f"expected {entry.shape}"
                 )
+        if self.placement is not None:
+            cast = [jnp.asarray(x, dtype=self.dtype) for x in leaves]
+            return self.placement.ravel(jax.tree_util.tree_unflatten(self._treedef, cast))
         return jnp.concatenate([jnp.ravel(jnp.asarray(x, dtype=self.dtype)) for x in leaves])
 
 
@@ -613,7 +661,7 @@ class HessianOperator(PytreeOperator):
         self, loss_fn: Callable[[Any, Any], Any], params: Any, data: Any, **options: Any
     ) -> None:
         # options: chunk_size, dtype, prefix, check_deterministic, normalizer,
-        # check_symmetric (see PytreeOperator)
+        # check_symmetric, param_sharding (see PytreeOperator)
         if not callable(loss_fn):
             raise TypeError(f"hessian: loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
@@ -711,6 +759,7 @@ def hessian(
     check_deterministic: bool = True,
     normalizer: Callable[[Any], Any] | None = None,
     check_symmetric: bool = True,
+    param_sharding: Any = None,
 ) -> HessianOperator:
     """The Hessian of a loss over a data set, as a :class:`dualhess.Operator` on jax vectors.
 %(normalizer)s
@@ -753,6 +802,18 @@ def hessian(
         (:func:`jax_backend._validity.symmetry_tolerance`) raises
         :class:`dualhess.AsymmetricOperatorError` (a ``custom_jvp``/``custom_vjp`` with an
         inconsistent rule). ``False`` skips it.
+    param_sharding : pytree of NamedSharding, "largest_axis" or Mesh, optional
+        Shard the parameters over a device mesh (model parallelism, GSPMD): one
+        :class:`jax.sharding.NamedSharding` per parameter leaf, all on one mesh (a pytree
+        shaped like ``params``); ``"largest_axis"``: each leaf split along its largest axis
+        that the number of devices divides, over all of ``jax.devices()``
+        (:func:`jax_backend.shard_largest_axis`, which also takes a mesh); a
+        :class:`jax.sharding.Mesh`: that rule on that mesh. The parameters are placed leaf
+        by leaf, every product runs on the sharded leaves, and the products, the flat
+        parameters and the vectors ``op.asarray`` makes keep ``op.placement.vector_sharding``
+        (split over the mesh when ``n`` is a multiple of its device count, replicated
+        otherwise). Results equal the unsharded operator's up to the order of sums. Not
+        with ``devices=``.
 
     Returns
     -------
@@ -776,6 +837,10 @@ def hessian(
         normaliser does.
     dualhess.AsymmetricOperatorError
         The products are not symmetric (see ``check_symmetric``).
+    jax_backend.ParamShardingError
+        ``param_sharding`` does not fit the parameters (another pytree structure, not
+        ``NamedSharding``s, several meshes, a split that does not divide a dimension), or
+        comes with ``devices=``.
 
     References
     ----------
@@ -796,6 +861,7 @@ def hessian(
     >>> np.asarray(op.to_dense(), dtype=np.float64).round(3).tolist()  # 2 mean([1, x; x, x^2])
     [[2.0, 0.0], [0.0, 0.857]]
     """
+    check_one_placement(devices, param_sharding, "hessian")
     op = HessianOperator(
         loss_fn,
         params,
@@ -805,8 +871,20 @@ def hessian(
         check_deterministic=check_deterministic,
         normalizer=normalizer,
         check_symmetric=check_symmetric,
+        param_sharding=param_sharding,
     )
     return op if devices is None else op.shard(devices)
+
+
+def check_one_placement(devices: Any, param_sharding: Any, where: str) -> None:
+    """Refuse ``devices=`` (data parallel) together with ``param_sharding=`` (model parallel)."""
+    if devices is not None and param_sharding is not None:
+        raise ParamShardingError(
+            f"{where}: devices= (batches split over devices) and param_sharding= (parameters "
+            "split over a mesh) were both given; they would use two meshes over the same "
+            "devices. Use one: param_sharding= for parameters too large for one device, "
+            "devices= for data parallelism"
+        )
 
 
 hessian.__doc__ = (hessian.__doc__ or "").replace("%(normalizer)s", _NORMALIZER_DOC)
