@@ -69,23 +69,32 @@ def demo_problem(
 
 
 def hf_problem(name_or_dir: Any, **options: Any) -> Any:
-    """A Hugging Face causal LM by name or directory, ready for any entry point.
+    """A Hugging Face causal LM or sequence classifier by name or directory, ready for any
+    entry point.
 
     Loads the model and tokenizer (``from_pretrained``: a local directory, or a name in the
-    local cache), packs the text into sequences (the last one padded, its labels -100) and
-    builds the causal-LM loss with every kept token weighted equally across batches.
+    local cache). A causal LM: packs the text into sequences (the last one padded, its labels
+    -100) and builds the causal-LM loss with every kept token weighted equally across batches,
+    its cross-entropy computed ``loss_chunk`` tokens at a time through the output embedding. A
+    ``*ForSequenceClassification`` model: reads ``LABEL<TAB>TEXT`` lines (or a data set's
+    ``label`` and ``text``/``sentence`` columns), pads the texts with attention masks and
+    builds the mean cross-entropy with every example weighted equally across batches. See
+    ``torch_backend._hf.hf_problem`` and docs/huggingface.md.
 
     Parameters
     ----------
     name_or_dir : str or Path
     **options
         ``text=`` / ``text_file=`` / ``dataset="NAME[:CONFIG][:SPLIT]"`` (exactly one),
-        ``seq_len=128``, ``batch_size=2``, ``num_batches=2``, ``dtype="float64"``.
+        ``task=None`` (``"causal-lm"`` or ``"sequence-classification"``; default from the
+        config's architectures), ``seq_len=128``, ``batch_size=2``, ``num_batches=2``,
+        ``dtype="float64"``, ``loss_chunk=None`` (tokens per chunk of the causal-LM
+        cross-entropy: None for 256 where the model allows it, 0 for the full logits).
 
     Returns
     -------
     HFProblem
-        ``.model``, ``.tokenizer``, ``.loss_fn``, ``.data``, ``.info``.
+        ``.model``, ``.tokenizer``, ``.loss_fn``, ``.data``, ``.info``, ``.pretrained``.
 
     Examples
     --------

@@ -147,6 +147,10 @@ def _seed(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    return _seed(text)  # the same rule: an integer >= 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dualhess`` command."""
     from . import __version__
@@ -176,22 +180,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a Python file defining model(), loss() and data() (see below); "
                     "default: the embedded digits CNN")
     hf = an.add_argument_group(
-        "a Hugging Face causal language model by name (instead of FILE.py)")
+        "a Hugging Face model by name (instead of FILE.py): a causal language model or a "
+        "sequence classifier")
     hf.add_argument("--hf", default=None, metavar="NAME_OR_DIR",
                     help="a model directory (save_pretrained, with its tokenizer) or a name in "
-                    "the local Hugging Face cache; analysed with its causal-LM loss over "
-                    "--text or --dataset, every kept token weighted equally across batches")
+                    "the local Hugging Face cache; a causal LM is analysed with its causal-LM "
+                    "loss over --text or --dataset, every kept token weighted equally across "
+                    "batches; a *ForSequenceClassification model with the mean cross-entropy "
+                    "over labelled texts, every example weighted equally")
+    hf.add_argument("--task", choices=("causal-lm", "sequence-classification"), default=None,
+                    help="what to analyse (default: what the config's architectures say)")
     hf.add_argument("--text", default=None, metavar="FILE",
-                    help="a UTF-8 text file, tokenised and packed into sequences")
+                    help="a UTF-8 text file: a causal LM's text, tokenised and packed into "
+                    "sequences; for sequence classification one example per line, "
+                    "LABEL<TAB>TEXT (a class index or a label name of the config)")
     hf.add_argument("--dataset", default=None, metavar="NAME[:CONFIG][:SPLIT]",
-                    help="a datasets-library data set's 'text' column (local files and the "
-                    "local cache work offline; split 'train' by default)")
+                    help="a datasets-library data set: its 'text' column (causal LM), or its "
+                    "'label' and 'text' (or 'sentence') columns (sequence classification); "
+                    "local files and the local cache work offline; split 'train' by default")
     hf.add_argument("--seq-len", type=_positive_int, default=128, metavar="L",
-                    help="tokens per sequence (default 128)")
+                    help="tokens per sequence (default 128); for sequence classification the "
+                    "most tokens of one text (longer ones truncated)")
     hf.add_argument("--batch-size", type=_positive_int, default=2, metavar="B",
-                    help="sequences per batch (default 2)")
+                    help="sequences (texts) per batch (default 2)")
     hf.add_argument("--num-batches", type=_positive_int, default=2, metavar="NB",
                     help="batches of the text to analyse (default 2)")
+    hf.add_argument("--loss-chunk", type=_non_negative_int, default=None, metavar="T",
+                    help="causal LM: tokens per chunk of the cross-entropy, computed from the "
+                    "last hidden states through the output embedding so that the tokens x "
+                    "vocabulary logits exist one chunk at a time (default: 256 where the "
+                    "model allows it, else the full logits; 0: the full logits)")
     an.add_argument("--framework", choices=("torch", "jax", "both"), default=None,
                     help="which frameworks compute: torch, jax, or both (crosschecked). "
                     "Default: both for a PyTorch model, jax for a Flax model")
@@ -472,6 +490,9 @@ def _check_hf_arguments(args: argparse.Namespace) -> None:
         if args.text is not None or args.dataset is not None:
             raise CommandLineError("--text and --dataset go with --hf NAME_OR_DIR (a Hugging "
                                    "Face model); a model file brings its own data()")
+        if args.task is not None or args.loss_chunk is not None:
+            raise CommandLineError("--task and --loss-chunk go with --hf NAME_OR_DIR (a "
+                                   "Hugging Face model); a model file brings its own loss()")
         return
     if args.file is not None:
         raise CommandLineError(f"pass either FILE.py ({args.file}) or --hf {args.hf}, not both")
@@ -527,8 +548,9 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from ._demo import hf_problem
 
         problem = hf_problem(args.hf, text_file=args.text, dataset=args.dataset,
-                             seq_len=args.seq_len, batch_size=args.batch_size,
-                             num_batches=args.num_batches, dtype=args.dtype)
+                             task=args.task, seq_len=args.seq_len, batch_size=args.batch_size,
+                             num_batches=args.num_batches, dtype=args.dtype,
+                             loss_chunk=args.loss_chunk)
         model, loss_fn, data = problem.model, problem.loss_fn, problem.data
         log(problem.info["description"])
         demo_info = {"description": problem.info["description"]}
