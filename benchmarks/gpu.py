@@ -4,6 +4,7 @@ Run on a machine with a CUDA GPU (under 5 minutes on an H200-class GPU)::
 
     python -m benchmarks.gpu                  # all models, writes benchmarks/results/gpu.{json,md}
     python -m benchmarks.gpu --models resnet18 --out /tmp/gpu
+    python -m benchmarks.gpu --models gpt2_small   # GPT-2 small's rows (benchmarks.scale)
 
 Without a CUDA device it exits with status 2 and a message. ``--allow-cpu --tiny`` runs the
 same code path on tiny models on the CPU (to check the script, not to measure anything).
@@ -432,7 +433,21 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     results = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "gpt2_small" in names:
+        # The CPU scale benchmark's stages (gradient, product, top-1 with the basis on the
+        # device and on disk) on this device, each in a fresh process: scale_cuda.{json,md}.
+        from benchmarks import scale
+
+        scale_args = ["--out", str(args.out), "--device", device.type]
+        tiny = ["--tiny", "--stages", "gradient", "product"] if args.tiny else []
+        status = scale.main(scale_args + tiny)
+        results.append({"model": "gpt2_small", "framework": "torch",
+                        "status": "ok" if status == 0 else "failed",
+                        "note": f"rows in scale_{device.type}.md" if device.type != "cpu"
+                        else "rows in scale.md"})
+        names.remove("gpt2_small")
+    for name in names:
         t0 = time.perf_counter()
         try:
             results.append(bench_torch(name, device, args))

@@ -20,8 +20,12 @@ Targets (issue 25): a product <= 2.2x a gradient; a product's peak memory <= 2.5
 gradient's; top-1 within 10 minutes on 2 cores; ``basis="disk"`` keeps peak memory within
 one vector's size of the device basis' minus the basis itself.
 
-``--tiny`` runs a 2-layer, 64-wide GPT-2 in seconds (the smoke test).
-Writes ``benchmarks/results/scale.json`` and ``scale.md`` (``--out DIR`` elsewhere).
+``--tiny`` runs a 2-layer, 64-wide GPT-2 in seconds (the smoke test). ``--device cuda`` runs
+the torch stages on a GPU (the GPU script's GPT-2 rows, ``python -m benchmarks.gpu --models
+gpt2_small``): peak memory is then ``torch.cuda.max_memory_allocated`` above the memory
+allocated when the stage began, and ``top1_device`` keeps the basis in GPU memory.
+Writes ``benchmarks/results/scale.json`` and ``scale.md`` (``scale_cuda.*`` on a GPU;
+``--out DIR`` elsewhere).
 """
 
 from __future__ import annotations
@@ -73,7 +77,34 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def build(tiny: bool) -> tuple[Any, Any, list]:
+class PeakCUDA:
+    """The peak CUDA memory allocated above the level at entry (``torch.cuda`` statistics)."""
+
+    def __enter__(self) -> PeakCUDA:
+        import torch
+
+        torch.cuda.synchronize()
+        self.start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+    @property
+    def increase_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def peak_memory(device: str) -> Any:
+    """The peak-memory meter of ``device``: resident set size on the CPU, CUDA statistics."""
+    return PeakRSS() if device == "cpu" else PeakCUDA()
+
+
+def build(tiny: bool, device: str = "cpu") -> tuple[Any, Any, list]:
     """GPT-2 (small, or tiny), its causal-LM loss and 2 x 64 tokens, float32, eval mode."""
     import torch
     import transformers
@@ -87,27 +118,29 @@ def build(tiny: bool) -> tuple[Any, Any, list]:
     else:
         config = transformers.GPT2Config()  # GPT-2 small: 124M parameters, 50,257 tokens
     config.use_cache = False
-    model = transformers.GPT2LMHeadModel(config).float().eval()
+    model = transformers.GPT2LMHeadModel(config).float().eval().to(device)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=gen)
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=gen).to(device)
     loss = CausalLMLoss(num_tokens=BATCH * (SEQ_LEN - 1))
     return model, loss, [(ids, ids.clone())]
 
 
-def stage(name: str, tiny: bool) -> dict[str, Any]:
+def stage(name: str, tiny: bool, device: str = "cpu") -> dict[str, Any]:
     import numpy as np
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     t0 = time.perf_counter()
-    model, loss, data = build(tiny)
+    if device != "cpu" and name == "jax_twin":
+        raise ValueError("the jax_twin stage runs on the CPU only (--device cpu)")
+    model, loss, data = build(tiny, device)
     n = sum(p.numel() for p in model.parameters())
     out: dict[str, Any] = {"stage": name, "n": n, "vector_mb": 4 * n / 2**20,
                            "setup_s": time.perf_counter() - t0}
     if name == "gradient":
         params = list(model.parameters())
         (inputs, labels), = data
-        with PeakRSS() as mem:
+        with peak_memory(device) as mem:
             t0 = time.perf_counter()
             grads = torch.autograd.grad(loss(model(inputs), labels), params)
             out["wall_s"] = time.perf_counter() - t0
@@ -116,7 +149,7 @@ def stage(name: str, tiny: bool) -> dict[str, Any]:
     elif name == "product":
         import torch_backend as tb
 
-        with PeakRSS() as mem:
+        with peak_memory(device) as mem:
             t0 = time.perf_counter()
             op = tb.hessian(model, loss, data, method="autograd", check_deterministic=False,
                             check_symmetric=False)
@@ -134,7 +167,7 @@ def stage(name: str, tiny: bool) -> dict[str, Any]:
         import torch_backend as tb
 
         basis = name.split("_")[1]
-        with PeakRSS() as mem:
+        with peak_memory(device) as mem:
             t0 = time.perf_counter()
             op = tb.hessian(model, loss, data, method="autograd", check_deterministic=False,
                             check_symmetric=False)
@@ -149,7 +182,7 @@ def stage(name: str, tiny: bool) -> dict[str, Any]:
         from dualhess.backends import get_backend
 
         jax_backend = get_backend("jax")
-        with PeakRSS() as mem:
+        with peak_memory(device) as mem:
             t0 = time.perf_counter()
             op, _ = jax_backend.twin_hessian(model, loss, data, dtype="float32")
             out["conversion_s"] = time.perf_counter() - t0
@@ -166,9 +199,10 @@ def stage(name: str, tiny: bool) -> dict[str, Any]:
     return out
 
 
-def run_stage(name: str, tiny: bool, timeout: float) -> dict[str, Any]:
+def run_stage(name: str, tiny: bool, timeout: float, device: str = "cpu") -> dict[str, Any]:
     """One stage in a fresh process; a failure is a row with its message."""
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--stage", name] + (["--tiny"] if tiny else [])
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--stage", name, "--device", device]
+    cmd += ["--tiny"] if tiny else []
     t0 = time.perf_counter()
     print(f"[scale] {name} ...", file=sys.stderr, flush=True)
     try:
@@ -219,7 +253,8 @@ def markdown(results: dict[str, Any]) -> str:
     rows = results["rows"]
     n = next((r["n"] for r in rows.values() if "n" in r), None)
     lines = [
-        "# GPT-2 small on the CPU (issue 25)",
+        f"# GPT-2 small on the {'CPU' if results.get('device', 'cpu') == 'cpu' else 'GPU'} "
+        "(issue 25)",
         "",
         f"{results['model']}: {n:,} parameters (one vector: "
         f"{4 * n / 2**20:.0f} MB in float32), {BATCH} x {SEQ_LEN} tokens, random init, "
@@ -266,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny GPT-2 (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per stage")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the torch stages run (cuda: the GPU script's rows)")
     parser.add_argument("--from-json", type=Path,
                         help="rewrite scale.md (and the targets) from a scale.json, no run")
     args = parser.parse_args(argv)
@@ -277,20 +314,29 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "scale.md").write_text(markdown(results))
         return 0
     if args.stage:
-        print(json.dumps(stage(args.stage, args.tiny)))
+        print(json.dumps(stage(args.stage, args.tiny, args.device)))
         return 0
-    rows = {name: run_stage(name, args.tiny, args.timeout) for name in args.stages}
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("benchmarks.scale --device cuda: no CUDA device here", file=sys.stderr)
+            return 2
+        args.stages = [s for s in args.stages if s != "jax_twin"]
+    rows = {name: run_stage(name, args.tiny, args.timeout, args.device) for name in args.stages}
     results = {
         "model": "GPT-2 (tiny)" if args.tiny else "GPT-2 small",
         "threads": int(os.environ.get("OMP_NUM_THREADS", "2")),
         "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
         "rows": rows,
     }
     results["targets"] = targets(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "scale.md").write_text(markdown(results))
+    name = "scale" if args.device == "cpu" else f"scale_{args.device}"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

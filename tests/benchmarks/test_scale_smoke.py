@@ -39,3 +39,17 @@ def test_peak_rss_sees_an_allocation():
         block[::512] += 1.0
     del block
     assert 48 <= mem.increase_mb <= 200
+
+
+def test_gpu_script_runs_the_gpt2_rows_through_the_scale_benchmark(tmp_path):
+    """``benchmarks.gpu --models gpt2_small`` runs the scale stages on its device (here the
+    CPU, with ``--allow-cpu --tiny``) and writes their table beside its own."""
+    from benchmarks import gpu
+
+    assert gpu.main(["--models", "gpt2_small", "--allow-cpu", "--tiny", "--out",
+                     str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert rows["gradient"]["status"] == "ok" and rows["product"]["status"] == "ok", rows
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["results"][0]["model"] == "gpt2_small"
+    assert report["results"][0]["status"] == "ok"
