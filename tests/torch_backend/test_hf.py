@@ -57,7 +57,10 @@ def _tiny_model_dir(tmp_path):
     return path, text
 
 
-def _dense_top(problem, k):
+def _dense_hessian(problem):
+    """The dense Hessian of the problem's loss summed over its batches (reverse-over-reverse:
+    torch.func.hessian, forward-over-reverse through functional_call, gives a wrong dense
+    Hessian on this build for GPT-2's tied embedding)."""
     model = problem.model
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
@@ -74,10 +77,12 @@ def _dense_top(problem, k):
             total = total + problem.loss_fn(out, labels)
         return total
 
-    # Reverse-over-reverse: torch.func.hessian (forward-over-reverse through functional_call)
-    # gives a wrong dense Hessian on this build for GPT-2's tied embedding.
     with torch_backend.differentiable_attention():
-        H = torch.autograd.functional.hessian(loss, flat).detach().numpy()
+        return torch.autograd.functional.hessian(loss, flat).detach()
+
+
+def _dense_top(problem, k):
+    H = _dense_hessian(problem).numpy()
     return np.sort(np.linalg.eigvalsh(H))[::-1][:k], H.shape[0]
 
 
@@ -290,27 +295,6 @@ def _tiny_classifier_dir(tmp_path, kind="gpt2", pad_token="[PAD]"):
     text = tmp_path / "labelled.tsv"
     text.write_text("".join(f"{label}\t{body}\n" for label, body in LABELLED))
     return path, text
-
-
-def _dense_hessian(problem):
-    model = problem.model
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(v):
-        parts, start = {}, 0
-        for n, s in zip(names, shapes):
-            parts[n] = v[start : start + s.numel()].reshape(s)
-            start += s.numel()
-        total = 0.0
-        for inputs, labels in problem.data:
-            out = torch.func.functional_call(model, parts, (), inputs)
-            total = total + problem.loss_fn(out, labels)
-        return total
-
-    with torch_backend.differentiable_attention():
-        return torch.autograd.functional.hessian(loss, flat).detach()
 
 
 def test_read_labelled_lines():
