@@ -656,6 +656,29 @@ class ParamLayout:
         xp = array_namespace(first)
         return xp.concat([xp.reshape(self._homed(parts[n]), (-1,)) for n in self.names])
 
+    def join_releasing(self, blocks: list[Any]) -> Any:
+        """:meth:`join` of a list of blocks (layout order) that releases each block as soon as
+        it is copied into the result, for arrays that can be written in place (numpy, torch).
+
+        A concatenation holds every block and the result at once: two vectors at the peak.
+        Copied block by block, with ``blocks`` the only reference (it is emptied), the peak is
+        the result plus the blocks not yet copied: about one vector. Blocks reach the home
+        device as in :meth:`join`.
+        """
+        if len(blocks) != len(self.entries):
+            raise ValueError(f"expected {len(self.entries)} blocks, got {len(blocks)}")
+        xp = array_namespace(blocks[0])
+        out = None
+        for i, entry in enumerate(self.entries):
+            part = xp.reshape(self._homed(blocks[i]), (-1,))
+            blocks[i] = None
+            if out is None:
+                out = xp.empty((self.size,), dtype=part.dtype, device=device(part))
+            out[entry.start : entry.stop] = part
+            del part
+        blocks.clear()
+        return out
+
     def split_columns(self, block: Any) -> dict[str, Any]:
         """Split an ``(n, k)`` block of ``k`` flat vectors into ``{name: (k, *shape)}``, each
         on its entry's device: the batched form of :meth:`split` (``vmap`` over axis 0)."""

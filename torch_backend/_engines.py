@@ -118,11 +118,12 @@ class FuncEngine(_Engine):
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         tangents = self.layout.split(v.contiguous())  # see AutogradEngine.matvec
-        out = torch.zeros_like(v)
+        out = None
         for weight, batch in self.objective.dataset.batches():
-            hv = self._hvp(batch, tangents)
-            out += weight * self.layout.join(hv)
-        return out
+            flat = self.layout.join(self._hvp(batch, tangents)).mul_(weight)
+            out = flat if out is None else out.add_(flat)
+            del flat
+        return torch.zeros_like(v) if out is None else out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[1]
@@ -192,11 +193,17 @@ class AutogradEngine(_Engine):
         # (tiny ViT, n = 81,226), so one copy of n numbers first.
         v = v.contiguous()
         parts = list(self.layout.split(v).values())  # each block on its parameter's device
-        out = torch.zeros_like(v)
+        # No zero vector to accumulate into, and no concatenation beside the blocks: the first
+        # batch's blocks are copied into the output one by one, each released once copied
+        # (GPT-2 small: a product's peak 3.2 GB -> 2.8 GB -> 2.3 GB, one 475 MB vector each).
+        out = None
         for graph in self._graphs():
-            hv = self._product(graph, parts, batched=False)
-            out += self.layout.join(dict(zip(self.layout.names, hv)))  # onto the home device
-        return out
+            blocks = self._product(graph, parts, batched=False)
+            if out is None:
+                out = self.layout.join_releasing(blocks)
+            else:
+                out.add_(self.layout.join_releasing(blocks))
+        return torch.zeros_like(v) if out is None else out
 
     def matmat(self, V: torch.Tensor, *, batched: bool | None = None) -> torch.Tensor:
         """``H V``: each batch's first-order graph is built once (or kept) and differentiated

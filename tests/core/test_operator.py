@@ -182,3 +182,15 @@ def test_param_layout_split_join_select():
         layout.select(["nope"])
     with pytest.raises(ValueError, match="length 9"):
         layout.split(np.arange(8.0))
+
+
+def test_join_releasing_equals_join_and_lets_go_of_the_blocks():
+    layout = ParamLayout.from_shapes([("w", (2, 3)), ("b", (2,)), ("c", ())])
+    flat = np.arange(9.0)
+    parts = layout.split(flat)
+    blocks = [parts[name].copy() for name in layout.names]
+    out = layout.join_releasing(blocks)
+    np.testing.assert_array_equal(out, layout.join(parts))
+    assert blocks == []  # every block released as it was copied
+    with pytest.raises(ValueError, match="expected 3 blocks"):
+        layout.join_releasing([parts["w"]])
