@@ -35,6 +35,7 @@ from ._array import (
     array_namespace,
     default_rng,
     dtype_eps,
+    normal_vector,
     on_host,
     safe_column_norms,
     safe_norm,
@@ -186,8 +187,9 @@ class _Krylov:
         """Append a random unit vector orthogonal to the basis; False when the space is full."""
         if self.size >= self.op.n:
             return False
+        op = self.op
         return any(
-            self.add_vector(self.op.asarray(self.rng.standard_normal(self.op.n))) for _ in range(3)
+            self.add_vector(normal_vector(self.rng, op.n, op.dtype, op.asarray)) for _ in range(3)
         )
 
     def mix_unexpanded(self) -> None:

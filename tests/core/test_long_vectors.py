@@ -8,6 +8,7 @@ operator and refused it. Norms now go through a summed (pairwise) reduction.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -56,3 +57,19 @@ def test_eigsh_on_a_long_float32_operator_is_not_refused():
     result = dualhess.eigsh(op, k=1, tol=1e-4, seed=0, return_vectors=False)
     assert result.converged[0]
     assert float(result.values[0]) == pytest.approx(100.0, rel=1e-4)
+
+
+def test_random_vectors_of_float32_operators_are_drawn_in_chunks_with_the_same_numbers():
+    """eigsh's random directions: for float32 the stream is drawn chunk by chunk into a float32
+    array (no float64 copy of the whole vector), and the numbers are those of one draw."""
+    from dualhess._array import _DRAW_CHUNK, normal_vector
+
+    n = 2 * _DRAW_CHUNK + 7
+    seen = []
+    chunked = normal_vector(np.random.default_rng(3), n, np.float32,
+                            lambda a: seen.append(a.dtype) or a)
+    once = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    assert seen == [np.float32]
+    np.testing.assert_array_equal(chunked, once)
+    wide = normal_vector(np.random.default_rng(3), n, np.float64, lambda a: a)
+    np.testing.assert_array_equal(wide, np.random.default_rng(3).standard_normal(n))
