@@ -18,7 +18,7 @@ measured in one run on this machine (the load average is recorded with the resul
   curvlinops; wall and process CPU time, one run each after a warm-up product.
 * **Peak memory**: top-5 to 1e-3 on a ~1M-parameter GPT-2 LM (float32, 8 x 64 tokens), each
   tool in a fresh process; the peak resident set size above the one after the model, data and
-  one gradient (sampled every 2 ms from ``/proc/self/statm``).
+  one gradient (``benchmarks.scale.PeakRSS``, sampled every 2 ms).
 * **The JAX product**: MLPs of ~1e5 and ~1e6 parameters (float32, batch 256), median times of
   a jitted gradient, a jitted ``jvp(grad)`` of the same loss, and dualhess's JAX operator, timed in interleaved
   rounds (this machine's speed drifts by up to 5x over seconds).
@@ -32,13 +32,15 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.realistic import _Clock
+from benchmarks.scale import PeakRSS
 
 RESULTS = Path(__file__).parent / "results"
 K = 5
@@ -82,14 +84,6 @@ def _lm(tokens: int = 64, batch: int = 8) -> Any:
 
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def stop(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 # ---------------------------------------------------------------------- equal accuracy
@@ -284,32 +278,6 @@ def _backward_share(fn: Callable[[], Any]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- peak memory
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRSS:
-    """Samples the resident set size every 2 ms in a thread; ``peak`` is the highest seen."""
-
-    def __enter__(self) -> _PeakRSS:
-        self.start = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-
 def memory_one(tool: str) -> dict[str, Any]:
     """Top-5 to 1e-3 on the ~1M-parameter LM with ``tool``; run in a fresh process."""
     import torch
@@ -322,7 +290,7 @@ def memory_one(tool: str) -> dict[str, Any]:
     task.loss_fn(task.model(task.X), task.y).backward()  # the baseline holds one gradient
     task.model.zero_grad(set_to_none=True)
     n = sum(p.numel() for p in task.model.parameters())
-    with _PeakRSS() as rss:
+    with PeakRSS(interval=0.002) as rss:
         clock = _Clock()
         if tool == "dualhess":
             import dualhess

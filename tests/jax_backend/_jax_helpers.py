@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -26,3 +30,14 @@ def mean_cross_entropy(outputs, targets):
 def relative_error(got, expected):
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+def run_on_four_devices(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter whose JAX sees 4 host CPU devices (the flag must be
+    set before jax starts, so not in this process); this folder is on its path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)

@@ -8,9 +8,6 @@ data, so no test below can pass vacuously.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _jax_helpers import relative_error
+from _jax_helpers import relative_error, run_on_four_devices
 from jax.flatten_util import ravel_pytree
 
 import dualhess
@@ -339,12 +336,6 @@ SHARDED = textwrap.dedent(
 
 
 def test_normalizers_over_a_four_device_mesh():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
-    here = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
-                            env=env, timeout=300, cwd=os.getcwd())
+    result = run_on_four_devices(SHARDED)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout

@@ -7,15 +7,13 @@ before jax starts, as in test_multidevice.py). Tests marked ``errors_table`` are
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jax_helpers import run_on_four_devices
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import dualhess
@@ -157,13 +155,6 @@ SCRIPT = MODEL + textwrap.dedent(
     print("OK")
     """
 )
-
-
-def run_on_four_devices(script: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 def test_sharded_parameters_on_four_devices_equal_the_unsharded_operator():
