@@ -42,7 +42,6 @@ __all__ = [
     "TimedMatmatEngine",
     "ChosenEngine",
     "choose_engines",
-    "columns_to_dict",
 ]
 
 #: The clock ``choose_engines`` times products with (a module attribute, so tests can patch it).
@@ -56,18 +55,6 @@ FUNC_MARGIN = 0.8
 #: at most this fraction of one single product (same reason).
 BATCH_MARGIN = 0.8
 
-
-
-def columns_to_dict(layout: ParamLayout, V: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Split a flat ``(n, k)`` block into ``{name: (k, *shape)}``, each block on its
-    parameter's device (:meth:`dualhess.ParamLayout.split_columns`)."""
-    return layout.split_columns(V)
-
-
-def dict_to_columns(layout: ParamLayout, parts: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-    """Join ``{name: (k, *shape)}`` into a flat ``(n, k)`` block on the layout's home device
-    (:meth:`dualhess.ParamLayout.join_columns`)."""
-    return layout.join_columns(parts)
 
 
 class _Engine:
@@ -126,12 +113,11 @@ class FuncEngine(_Engine):
         return torch.zeros_like(v) if out is None else out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
-        tangents = columns_to_dict(self.layout, V)
+        tangents = self.layout.split_columns(V)
         out = torch.zeros_like(V)
         for weight, batch in self.objective.dataset.batches():
             hv = torch.func.vmap(lambda t, b=batch: self._hvp(b, t))(tangents)
-            out += weight * dict_to_columns(self.layout, hv, k)
+            out += weight * self.layout.join_columns(hv)
         return out
 
 
@@ -210,7 +196,7 @@ class AutogradEngine(_Engine):
         for every column, in one batched backward (``batched=True``, the default while it
         works) or one backward per column (``batched=False``)."""
         k = V.shape[1]
-        parts_dict = columns_to_dict(self.layout, V)
+        parts_dict = self.layout.split_columns(V)
         parts = [parts_dict[e.name] for e in self.layout]
         out = torch.zeros_like(V)
         for graph in self._graphs():
