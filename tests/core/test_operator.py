@@ -134,6 +134,28 @@ def test_nan_from_the_operator_is_reported():
         op.matvec(np.ones(3))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_entry_among_large_ones_is_reported(bad):
+    # the check sums the output first: an Inf beside a -Inf sums to NaN, a NaN to NaN
+    A = np.diag([1e300, -1e300, 1.0, 2.0])
+    A[2, 2] = bad
+    with pytest.raises(OperatorError, match="NaN or Inf"):
+        DenseOperator(A).matvec(np.ones(4))
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_finite_output_whose_sum_overflows_is_accepted(framework):
+    # finite entries whose sum overflows: the output is finite and is returned as it is
+    big = np.finfo(np.float32).max
+    A = np.diag([big, big, big]).astype(np.float32)
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        A = torch.from_numpy(A)
+    op = DenseOperator(A)
+    y = op.matvec(op.asarray(np.ones(3, dtype=np.float32)))
+    assert np.all(np.asarray(y) == big)
+
+
 def test_to_dense_refuses_large_n():
     op = MatvecOnly(np.eye(10))
     with pytest.raises(OperatorError, match="refuses n=10 > max_size=5"):
