@@ -3,7 +3,7 @@
 :func:`~dualhess.eigsh`, :func:`~dualhess.lanczos` and :func:`~dualhess.density` keep
 their Lanczos vectors in a :class:`Basis` and touch them only through its few operations:
 append a vector, orthogonalise a vector against the basis (classical Gram-Schmidt twice,
-"twice is enough"), read a few vectors back for a product, and replace rows by linear
+"twice is enough", or a second time only after cancellation), read a few vectors back for a product, and replace rows by linear
 combinations of rows (a thick restart, or the Ritz vectors returned to the caller).
 Operators never see the basis.
 
@@ -15,13 +15,16 @@ row of memory, or one stretch of a file).
 - ``"host"`` (:class:`HostBasis`): a numpy array in host memory. The vector being
   orthogonalised is copied to the host, orthogonalised there (numpy BLAS) and copied back:
   the device holds O(1) vectors of length ``n`` whatever the basis size.
-- ``"disk"`` (:class:`DiskBasis`): a ``numpy.memmap`` file in a temporary directory (or
-  ``basis_dir``), removed when the work ends. Rows are mapped a block at a time (at most
-  one vector's worth of memory) and unmapped after use, so the resident memory of the
-  process grows by about one vector, not by the basis.
+- ``"disk"`` (:class:`DiskBasis`): a file in a temporary directory (or ``basis_dir``),
+  removed when the work ends. Blocks of columns are read into one reusable buffer of
+  64 MB and written back from it, so the resident memory of the process grows by that
+  buffer, not by the basis; a vector handed to be orthogonalised is worked on in place
+  when its owner gives it away.
 
 Every mode does the same arithmetic in the same order (the host and disk modes in numpy,
-the device mode in the vectors' framework), so the results agree to rounding.
+the device mode in the vectors' framework), so the results agree to rounding. The host and
+disk modes sum each pass's coefficients while they read the basis for the previous
+pass's update: ``passes + 1`` reads of the basis, not ``2 passes``.
 
 Examples
 --------
@@ -43,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import array_namespace, device, from_numpy, to_numpy
+from ._array import array_namespace, device, from_numpy, safe_norm, to_numpy
 from ._docs import DOCS
 
 __all__ = ["BASIS_MODES", "Basis", "DeviceBasis", "HostBasis", "DiskBasis", "make_basis",
@@ -56,10 +59,10 @@ basis : {"device", "host", "disk"}
     Where the Lanczos vectors are kept (:mod:`dualhess._basis`). ``"device"`` (default):
     beside the operator's vectors, the fastest. ``"host"``: in host memory (numpy); each
     new vector is orthogonalised on the host, so the device holds O(1) vectors of length
-    ``n`` whatever the basis size. ``"disk"``: in a ``numpy.memmap`` file in a temporary
-    directory (removed afterwards), mapped a block of at most about one vector at a time,
-    so the process's resident memory grows by about one vector, not by the basis. The
-    results agree with ``"device"`` to rounding (1e-12 in float64).
+    ``n`` whatever the basis size. ``"disk"``: in a file in a temporary directory (removed
+    afterwards), read and written through one 64 MB buffer, so the process's resident
+    memory grows by that buffer, not by the basis (the file's pages are the kernel's
+    cache). The results agree with ``"device"`` to rounding (1e-12 in float64).
 basis_dir : str or path, optional
     The directory of the ``"disk"`` basis file (default: the system's temporary
     directory)."""
@@ -125,16 +128,28 @@ class Basis:
         self.size = 0
 
     # -- what every mode provides ---------------------------------------------------------
-    def append(self, v: Any) -> None:
-        """Store the native vector ``v`` as row ``size``."""
+    def append(self, v: Any, divisor: float | None = None) -> None:
+        """Store the native vector ``v`` (``v / divisor`` when given) as row ``size``.
+
+        With ``divisor`` a host or disk basis divides block by block as it writes, so the
+        normalised vector never exists as a whole beside ``v``.
+        """
         if self.size == self.capacity:
             self._grow(max(4, self.capacity // 4))
-        self._set_row(self.size, v)
+        self._set_row(self.size, v, divisor)
         self.size += 1
 
-    def orthogonalize(self, w: Any, passes: int = 2) -> tuple[Any, np.ndarray]:
+    def orthogonalize(self, w: Any, passes: int = 2, *, overwrite: bool = False,
+                      eta: float | None = None) -> tuple[Any, np.ndarray]:
         """``w`` minus its projection on the basis, ``passes`` times (classical Gram-Schmidt,
-        twice is enough); returns the new ``w`` and the summed coefficients (numpy)."""
+        twice is enough); returns the new ``w`` and the summed coefficients (numpy).
+
+        ``overwrite=True``: ``w`` is the caller's to lose (a product it owns); a host or
+        disk basis then orthogonalises a CPU vector in place instead of copying it.
+        ``eta``: a later pass runs only while a pass shrank ``w`` below ``eta`` times its
+        norm (Daniel, Gragg, Kaufman and Stewart, 1976: with ``eta = 1/sqrt(2)``, a pass
+        without that much cancellation leaves ``w`` orthogonal to working precision).
+        """
         raise NotImplementedError
 
     def rows(self, index: Any) -> Any:
@@ -166,7 +181,7 @@ class Basis:
         self.close()
 
     # -- storage ----------------------------------------------------------------------------
-    def _set_row(self, i: int, v: Any) -> None:
+    def _set_row(self, i: int, v: Any, divisor: float | None = None) -> None:
         raise NotImplementedError
 
     def _grow(self, extra: int) -> None:
@@ -188,7 +203,9 @@ class DeviceBasis(Basis):
     def _live(self) -> Any:
         return self.V if self.fixed_shapes else self.V[: self.size]
 
-    def _set_row(self, i: int, v: Any) -> None:
+    def _set_row(self, i: int, v: Any, divisor: float | None = None) -> None:
+        if divisor is not None:
+            v = v / divisor
         if self.fixed_shapes:
             import array_api_extra as xpx
 
@@ -202,16 +219,22 @@ class DeviceBasis(Basis):
         self.V = xp.concat([self.V, zeros], axis=0)
         self.capacity += extra
 
-    def orthogonalize(self, w: Any, passes: int = 2) -> tuple[Any, np.ndarray]:
+    def orthogonalize(self, w: Any, passes: int = 2, *, overwrite: bool = False,
+                      eta: float | None = None) -> tuple[Any, np.ndarray]:
         if self.size == 0:
             return w, np.zeros(0)
         V = self._live()
         total = np.zeros(V.shape[0])
         long_vectors = not self.fixed_shapes  # jax: one compiled shape, V @ w
-        for _ in range(passes):
+        norm = safe_norm(w, self.xp) if eta is not None else 0.0
+        for done in range(1, passes + 1):
             h = coefficients(V, w, self.xp) if long_vectors else V @ w
             w = w - h @ V
             total += to_numpy(h).astype(np.float64)
+            if eta is not None and done < passes:
+                norm, before = safe_norm(w, self.xp), norm
+                if norm >= eta * before:
+                    break  # no cancellation: one pass was enough (DGKS)
         return w, total[: self.size]
 
     def rows(self, index: Any) -> Any:
@@ -272,28 +295,30 @@ def _is_torch(x: Any) -> bool:
 
 
 class HostBasis(Basis):
-    """The basis in host memory (numpy); vectors cross to the host to be orthogonalised."""
+    """The basis in host memory (numpy); vectors cross to the host to be orthogonalised.
+
+    The arithmetic works on blocks of columns of all live rows (``_BLOCK_BYTES`` at a time),
+    so a disk basis (below) reads and writes exactly these blocks and never holds more.
+    """
+
+    #: bytes of basis a block holds (a disk basis reads larger blocks: fewer system calls)
+    block_bytes = _BLOCK_BYTES
 
     def __init__(self, capacity: int, like: Any, fixed_shapes: bool = False) -> None:
         super().__init__(capacity, like, fixed_shapes)
         self.host_dtype = _host_dtype(like)
         self._allocate()
 
-    # storage hooks (a disk basis maps a file instead)
+    # storage hooks (a disk basis keeps a file instead)
     def _allocate(self) -> None:
         self.V = np.empty((self.capacity, self.n), dtype=self.host_dtype)
 
-    def _read(self, start: int, stop: int, columns: slice | None = None) -> np.ndarray:
-        return self.V[start:stop] if columns is None else self.V[start:stop, columns]
+    def _read(self, start: int, stop: int, columns: slice) -> np.ndarray:
+        """Rows ``start:stop`` at ``columns``; the caller may change it and ``_write`` it back."""
+        return self.V[start:stop, columns]
 
-    def _write(self, start: int, block: np.ndarray, columns: slice | None = None) -> None:
-        if columns is None:
-            self.V[start : start + block.shape[0]] = block
-        else:
-            self.V[start : start + block.shape[0], columns] = block
-
-    def _release(self) -> None:
-        """Drop mapped pages (the disk basis); nothing for memory."""
+    def _write(self, start: int, block: np.ndarray, columns: slice) -> None:
+        self.V[start : start + block.shape[0], columns] = block
 
     def _grow(self, extra: int) -> None:
         V = np.empty((self.capacity + extra, self.n), dtype=self.host_dtype)
@@ -302,40 +327,70 @@ class HostBasis(Basis):
         self.capacity += extra
 
     # the shared arithmetic
-    def _row_blocks(self, count: int) -> list[tuple[int, int]]:
-        rows = max(1, _BLOCK_BYTES // max(1, self.n * self.host_dtype.itemsize))
-        return [(s, min(count, s + rows)) for s in range(0, count, rows)]
+    def _column_blocks(self, rows: int) -> list[slice]:
+        """Column blocks of at most ``block_bytes`` over ``rows`` rows, whole multiples of
+        ``_CHUNK`` (so that float32 coefficients sum the same chunks whatever the block)."""
+        width = max(1, self.block_bytes // max(1, rows * self.host_dtype.itemsize))
+        if width >= _CHUNK:
+            width -= width % _CHUNK
+        width = min(self.n, width)
+        return [slice(c, min(self.n, c + width)) for c in range(0, self.n, width)]
 
-    def _column_width(self, rows: int) -> int:
-        return max(1, min(self.n, _BLOCK_BYTES // max(1, rows * self.host_dtype.itemsize)))
+    def _host_vector(self, w: Any, overwrite: bool) -> np.ndarray:
+        x = to_numpy(w)
+        if (overwrite and x.dtype == self.host_dtype and x.flags.writeable
+                and x.flags.c_contiguous):
+            return x  # the caller's own vector (a CPU product): no second one
+        return np.array(x, dtype=self.host_dtype)
 
-    def _set_row(self, i: int, v: Any) -> None:
-        self._write(i, np.asarray(to_numpy(v), dtype=self.host_dtype).reshape(1, -1))
-        self._release()
+    def _set_row(self, i: int, v: Any, divisor: float | None = None) -> None:
+        x = to_numpy(v)
+        for columns in self._column_blocks(1):
+            part = x[columns].astype(self.host_dtype, copy=divisor is not None)
+            if divisor is not None:
+                part /= self.host_dtype.type(divisor)
+            self._write(i, part.reshape(1, -1), columns)
 
-    def orthogonalize(self, w: Any, passes: int = 2) -> tuple[Any, np.ndarray]:
+    def orthogonalize(self, w: Any, passes: int = 2, *, overwrite: bool = False,
+                      eta: float | None = None) -> tuple[Any, np.ndarray]:
         if self.size == 0:
             return w, np.zeros(0)
-        x = np.array(to_numpy(w), dtype=self.host_dtype)  # one vector to the host
-        total = np.zeros(self.size)
-        blocks = self._row_blocks(self.size)
-        for _ in range(passes):
-            h = np.empty(self.size, dtype=self.host_dtype)
-            for start, stop in blocks:  # h = V x
-                h[start:stop] = coefficients(self._read(start, stop), x, np)
-                self._release()
-            for start, stop in blocks:  # x -= V^T h
-                x -= h[start:stop] @ self._read(start, stop)
-                self._release()
-            total += h.astype(np.float64)
+        x = self._host_vector(w, overwrite)  # one vector on the host
+        size = self.size
+        blocks = self._column_blocks(size)
+        total = np.zeros(size)
+        # The coefficients of each pass are summed while the block is read for the previous
+        # pass's update (x is final on a block once it is updated): passes + 1 reads of the
+        # basis, not 2 * passes.
+        h = np.zeros(size)
+        norm_before = 0.0
+        for columns in blocks:
+            V = self._read(0, size, columns)
+            h += _chunk_sums(V, x[columns])
+            norm_before += _squared_norm(x[columns])
+        for done in range(1, passes + 1):
+            last = done == passes
+            hc = h.astype(self.host_dtype)
+            total += h
+            h = np.zeros(size)
+            norm_after = 0.0
+            for columns in blocks:
+                V = self._read(0, size, columns)
+                x[columns] -= hc @ V
+                if not last:
+                    h += _chunk_sums(V, x[columns])
+                    norm_after += _squared_norm(x[columns])
+            if not last and eta is not None and norm_after >= eta**2 * norm_before:
+                break  # no cancellation: one pass was enough (DGKS)
+            norm_before = norm_after
         return from_numpy(x, self.like), total
 
     def rows(self, index: Any) -> Any:
         index = np.asarray(index, dtype=np.int64)
         out = np.empty((self.n, len(index)), dtype=self.host_dtype)
         for position, j in enumerate(index):
-            out[:, position] = self._read(int(j), int(j) + 1)[0]
-            self._release()
+            for columns in self._column_blocks(1):
+                out[columns, position] = self._read(int(j), int(j) + 1, columns)[0]
         return from_numpy(out, self.like)
 
     def combine_rows(self, source: np.ndarray, M: np.ndarray, target: np.ndarray) -> None:
@@ -344,78 +399,108 @@ class HostBasis(Basis):
             return
         low, high = int(min(source.min(), target.min())), int(max(source.max(), target.max())) + 1
         Mt = M.T.astype(self.host_dtype)
-        width = self._column_width(high - low)
-        for start in range(0, self.n, width):
-            columns = slice(start, min(self.n, start + width))
-            block = np.array(self._read(low, high, columns))  # rows low..high, these columns
+        for columns in self._column_blocks(high - low):
+            block = self._read(low, high, columns)  # rows low..high, these columns
             block[target - low] = Mt @ block[source - low]
             self._write(low, block, columns)
-            self._release()
 
     def combination(self, M: np.ndarray) -> Any:
-        out = np.zeros((self.n, M.shape[1]), dtype=self.host_dtype)
+        out = np.empty((self.n, M.shape[1]), dtype=self.host_dtype)
         Mh = M.astype(self.host_dtype)
-        for start, stop in self._row_blocks(M.shape[0]):
-            out += self._read(start, stop).T @ Mh[start:stop]
-            self._release()
+        rows = M.shape[0]
+        for columns in self._column_blocks(rows):
+            out[columns] = self._read(0, rows, columns).T @ Mh
         return from_numpy(out, self.like)
 
 
 class DiskBasis(HostBasis):
-    """The basis in a ``numpy.memmap`` file, mapped one block at a time and removed at close."""
+    """The basis in a file, read and written a block of columns at a time, removed at close.
+
+    Each block is read into one reusable buffer (``block_bytes``) with plain file reads, so
+    the process's resident memory holds that buffer, never the basis: the file's pages are
+    the kernel's page cache, which it reclaims as it needs. (A memory map counted every
+    page touched in the resident set until it was unmapped: a row of GPT-2 small's basis
+    is 475 MB.)
+    """
+
+    block_bytes = 16 * _BLOCK_BYTES
 
     def __init__(self, capacity: int, like: Any, fixed_shapes: bool = False,
                  directory: Any = None) -> None:
         self._folder = tempfile.mkdtemp(prefix="dualhess-basis-", dir=directory)
         self.path = os.path.join(self._folder, "basis.f")
-        self._maps: list[np.memmap] = []
+        self._file: Any = None
+        self._buffer: np.ndarray | None = None
         super().__init__(capacity, like, fixed_shapes)
 
     def _allocate(self) -> None:
-        with open(self.path, "wb") as f:  # a sparse file: no disk written until rows are
-            f.truncate(self.capacity * self.n * self.host_dtype.itemsize)
+        self._file = open(self.path, "w+b", buffering=0)  # noqa: SIM115 (closed in close())
+        self._file.truncate(self.capacity * self.n * self.host_dtype.itemsize)  # sparse
 
-    def _map(self, start: int, stop: int, mode: str) -> np.memmap:
-        row = self.n * self.host_dtype.itemsize
-        mapped = np.memmap(self.path, dtype=self.host_dtype, mode=mode, offset=start * row,
-                           shape=(stop - start, self.n))
-        self._maps.append(mapped)
-        return mapped
+    def _offset(self, row: int, columns: slice) -> int:
+        return (row * self.n + columns.start) * self.host_dtype.itemsize
 
-    def _read(self, start: int, stop: int, columns: slice | None = None) -> np.ndarray:
-        mapped = self._map(start, stop, "r")
-        return mapped if columns is None else mapped[:, columns]
+    def _read(self, start: int, stop: int, columns: slice) -> np.ndarray:
+        rows, width = stop - start, columns.stop - columns.start
+        if self._buffer is None or self._buffer.size < rows * width:
+            self._buffer = np.empty(max(rows * width, self.block_bytes // self.host_dtype.itemsize),
+                                    dtype=self.host_dtype)
+        block = self._buffer[: rows * width].reshape(rows, width)
+        for r in range(rows):
+            self._file.seek(self._offset(start + r, columns))
+            view = memoryview(block[r]).cast("B")
+            got = 0
+            while got < len(view):
+                count = self._file.readinto(view[got:])
+                if not count:
+                    raise OSError(f"dualhess: the disk basis {self.path} is shorter than expected")
+                got += count
+        return block
 
-    def _write(self, start: int, block: np.ndarray, columns: slice | None = None) -> None:
-        mapped = self._map(start, start + block.shape[0], "r+")
-        if columns is None:
-            mapped[:] = block
-        else:
-            mapped[:, columns] = block
-
-    def _release(self) -> None:
-        # Unmapping drops the pages from this process's resident memory (they stay in the
-        # kernel's page cache, which the kernel reclaims as it needs).
-        for mapped in self._maps:
-            mm = getattr(mapped, "_mmap", None)
-            if mm is not None and not mm.closed:
-                if mapped.mode != "r":
-                    mm.flush()
-        self._maps.clear()
+    def _write(self, start: int, block: np.ndarray, columns: slice) -> None:
+        for r in range(block.shape[0]):
+            self._file.seek(self._offset(start + r, columns))
+            view = memoryview(np.ascontiguousarray(block[r])).cast("B")
+            done = 0
+            while done < len(view):
+                done += self._file.write(view[done:])
 
     def _grow(self, extra: int) -> None:
-        with open(self.path, "r+b") as f:
-            f.truncate((self.capacity + extra) * self.n * self.host_dtype.itemsize)
+        self._file.truncate((self.capacity + extra) * self.n * self.host_dtype.itemsize)
         self.capacity += extra
 
     def close(self) -> None:
-        self._release()
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        self._buffer = None
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def __del__(self) -> None:  # a basis dropped without close still removes its file
+        file = getattr(self, "_file", None)
+        if file is not None and not file.closed:
+            file.close()
         folder = getattr(self, "_folder", None)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _chunk_sums(V: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``V @ x`` in float64: a BLAS product per ``_CHUNK`` columns below float64, summed in
+    float64 across chunks (see :func:`coefficients`)."""
+    if V.dtype == np.float64:
+        return V @ x
+    total = np.zeros(V.shape[0])
+    for c in range(0, x.shape[0], _CHUNK):
+        total += V[:, c : c + _CHUNK] @ x[c : c + _CHUNK]
+    return total
+
+
+def _squared_norm(x: np.ndarray) -> float:
+    """``x . x`` in float64 (float32: per ``_CHUNK`` entries, summed in float64)."""
+    if x.dtype == np.float64:
+        return float(np.dot(x, x))
+    return sum(float(np.dot(x[c : c + _CHUNK], x[c : c + _CHUNK]))
+               for c in range(0, x.shape[0], _CHUNK))
 
 
 def _host_dtype(like: Any) -> np.dtype:

@@ -146,17 +146,18 @@ class _Krylov:
         if self.V is not None:
             self.V.close()
 
-    def _orthogonalize(self, w: Any) -> tuple[Any, np.ndarray]:
+    def _orthogonalize(self, w: Any, overwrite: bool = False) -> tuple[Any, np.ndarray]:
         """Classical Gram-Schmidt twice ("twice is enough") against the whole basis."""
         if self.V is None:
             return w, np.zeros(0)
-        return self.V.orthogonalize(w)
+        return self.V.orthogonalize(w, overwrite=overwrite)
 
-    def _append(self, v: Any) -> None:
+    def _append(self, v: Any, divisor: float | None = None) -> None:
         if self.V is None:
             self.V = make_basis(self.mode, self.capacity, v, self.op.fixed_shapes,
                                 self.basis_dir)
-        self.V.append(v)  # rare growth: each search for missed eigenvalues adds one
+        # rare growth: each search for missed eigenvalues adds one
+        self.V.append(v, divisor)
         size = self.size + 1
         G = np.zeros((size, size))
         G[: size - 1, : size - 1] = self.G
@@ -229,7 +230,8 @@ class _Krylov:
         op, xp = self.op, self.xp
         size_before = self.size
         norm_in = safe_norm(w, xp)
-        w, h = self._orthogonalize(w)
+        # a product the operator gave away is orthogonalised in place (host and disk bases)
+        w, h = self._orthogonalize(w, overwrite=op.owns_outputs)
         beta = safe_norm(w, xp)
         if not (np.all(np.isfinite(h)) and math.isfinite(beta) and math.isfinite(norm_in)):
             raise OperatorError(
@@ -245,7 +247,7 @@ class _Krylov:
         # Invariant subspace (breakdown): the new direction is rounding noise. Drop it and
         # continue from a random vector orthogonal to the basis, uncoupled (G entry 0).
         if beta > 100 * self.eps * max(norm_in, self.scale):
-            self._append(w / beta)
+            self._append(w, divisor=beta)  # w / beta, divided as it is stored
             self.G[size_before, j] = beta
         else:
             self.add_random()

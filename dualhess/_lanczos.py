@@ -6,6 +6,10 @@ C. Lanczos, "An iteration method for the solution of the eigenvalue problem of l
 differential and integral operators", J. Res. Nat. Bur. Standards 45 (1950).
 B. N. Parlett, *The Symmetric Eigenvalue Problem*, SIAM (1998), ch. 13 (full
 reorthogonalisation, "twice is enough").
+J. W. Daniel, W. B. Gragg, L. Kaufman and G. W. Stewart, "Reorthogonalization and stable
+algorithms for updating the Gram-Schmidt QR factorization", Math. Comp. 30 (1976): the
+second pass only after cancellation (``eta = 1/sqrt(2)``), as each step here does after its
+three-term recurrence.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from ._util import check_operator, check_positive_int, check_symmetric_products,
 from ._wrappers import HostOperator
 
 __all__ = ["lanczos"]
+
+#: Reorthogonalise a second time only when the first pass shrank the vector below this
+#: fraction of its norm (Daniel, Gragg, Kaufman and Stewart, 1976).
+_ETA = 1 / np.sqrt(2)
 
 
 def _basis_out(op: Operator, native: Operator, bases: list[Basis], basis_list: list[Any] | None,
@@ -195,7 +203,10 @@ def lanczos(
             if reorthogonalize:
                 columns = []
                 for i in range(p):  # per probe: its own contiguous basis
-                    w, total = bases[i].orthogonalize(W[:, i])
+                    # W is this step's own array: orthogonalised in place where it can be;
+                    # a second pass only after cancellation (DGKS, eta = 1/sqrt(2)): the
+                    # three-term recurrence left little to remove, so one pass is the rule
+                    w, total = bases[i].orthogonalize(W[:, i], overwrite=True, eta=_ETA)
                     columns.append(w)
                     # For a symmetric operator these projections of A q_j - alpha q_j -
                     # beta q_{j-1} on the earlier vectors are rounding: q_i^T A q_j equals

@@ -89,6 +89,11 @@ class Operator:
     """
 
     layout: ParamLayout | None = None
+    #: Whether every product is a new array that nothing else references, so that an
+    #: algorithm may overwrite it (a host or disk basis orthogonalises it in place instead of
+    #: copying it). False unless a subclass guarantees it: a wrapper that returns stored
+    #: products (a checkpoint replay) must not see them changed.
+    owns_outputs: bool = False
 
     def __init__(
         self,

@@ -415,6 +415,8 @@ class TorchCurvatureOperator(dualhess.Operator):
         ``N``, the number of samples.
     """
 
+    owns_outputs = True  # every engine returns a new tensor per product
+
     curvature = ""
     #: Whether the operator can be built from a ``closure(model, batch)`` (the Hessian can;
     #: the GGN and Fisher need the model outputs of a ``loss_fn(outputs, targets)``).

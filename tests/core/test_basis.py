@@ -112,3 +112,127 @@ def test_disk_basis_file_removed_and_bad_arguments(tmp_path):
         lanczos(DenseOperator(A), 3, basis="host", basis_dir=str(tmp_path))
     with pytest.raises(ValueError, match="not an existing directory"):
         density(DenseOperator(A), basis="disk", basis_dir=str(tmp_path / "missing"))
+
+
+class _Reads:
+    """Records the size of every block a host or disk basis reads."""
+
+    def __init__(self, basis, monkeypatch):
+        self.sizes, self.calls = [], 0
+        read = basis._read
+
+        def recording(start, stop, columns):
+            block = read(start, stop, columns)
+            self.sizes.append(block.nbytes)
+            return block
+
+        monkeypatch.setattr(basis, "_read", recording)
+
+
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_blocks_are_bounded_and_match_the_device_basis(mode, monkeypatch):
+    # float32 rows of 40,000 entries (160 kB) in blocks of at most 64 kB: every operation
+    # streams the basis a block of columns at a time, and agrees with the device basis
+    rng = np.random.default_rng(1)
+    n, rows = 40_000, 7
+    V0, _ = np.linalg.qr(rng.standard_normal((n, rows)))
+    V0 = V0.astype(np.float32)
+    M = rng.standard_normal((rows, 3))
+    w = rng.standard_normal(n).astype(np.float32)
+    ref = make_basis("device", rows, np.zeros(n, dtype=np.float32))
+    basis = make_basis(mode, rows, np.zeros(n, dtype=np.float32))
+    monkeypatch.setattr(basis, "block_bytes", 1 << 16)
+    reads = _Reads(basis, monkeypatch)
+    with basis, ref:
+        for j in range(rows):
+            ref.append(V0[:, j])
+            basis.append(V0[:, j])
+        out, h = basis.orthogonalize(w.copy())
+        out_ref, h_ref = ref.orthogonalize(w.copy())
+        np.testing.assert_allclose(h, h_ref, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(out, out_ref, rtol=0, atol=1e-5)
+        assert np.abs(V0.T.astype(np.float64) @ out).max() < 1e-5 * np.linalg.norm(w)
+        np.testing.assert_allclose(basis.combination(M), ref.combination(M), atol=1e-5)
+        np.testing.assert_allclose(basis.rows([2, 5]), ref.rows([2, 5]), atol=0)
+        basis.combine_rows(np.arange(rows), M, np.arange(3))
+        ref.combine_rows(np.arange(rows), M, np.arange(3))
+        np.testing.assert_allclose(basis.rows([0, 1, 2]), ref.rows([0, 1, 2]), atol=1e-5)
+    assert reads.sizes and max(reads.sizes) <= 1 << 16
+
+
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_two_passes_read_the_basis_three_times(mode, monkeypatch):
+    # the second pass's coefficients are summed while the first pass's update reads a block
+    rng = np.random.default_rng(2)
+    n = 30_000
+    basis = make_basis(mode, 4, np.zeros(n))
+    monkeypatch.setattr(basis, "block_bytes", 1 << 16)
+    with basis:
+        for v in np.linalg.qr(rng.standard_normal((n, 4)))[0].T:
+            basis.append(v)
+        reads = _Reads(basis, monkeypatch)
+        blocks = len(basis._column_blocks(4))
+        assert blocks > 1
+        w = rng.standard_normal(n)
+        out, h = basis.orthogonalize(w)
+        assert len(reads.sizes) == 3 * blocks
+        V = np.stack([basis.row(j) for j in range(4)])
+        np.testing.assert_allclose(h, V @ w, rtol=0, atol=1e-12)
+        assert np.abs(V @ out).max() < 1e-14 * np.linalg.norm(w)
+
+
+@pytest.mark.parametrize("mode", ["device", "host", "disk"])
+def test_second_pass_only_after_cancellation(mode, monkeypatch):
+    # eta = 1/sqrt(2) (DGKS): a vector nearly orthogonal to the basis keeps one pass, one
+    # that mostly lies in the span gets the second; both come out orthogonal to rounding
+    rng = np.random.default_rng(3)
+    n = 2_000
+    Q = np.linalg.qr(rng.standard_normal((n, 5)))[0]
+    calls = []
+    with make_basis(mode, 5, np.zeros(n)) as basis:
+        for v in Q.T:
+            basis.append(v)
+        if mode == "device":
+            from dualhess import _basis
+
+            original = _basis.coefficients
+            monkeypatch.setattr(_basis, "coefficients",
+                                lambda V, w, xp: calls.append(1) or original(V, w, xp))
+            passes = lambda: len(calls)  # noqa: E731
+        else:
+            reads = _Reads(basis, monkeypatch)
+            blocks = len(basis._column_blocks(5))
+            passes = lambda: len(reads.sizes) // blocks - 1  # noqa: E731
+        free = rng.standard_normal(n)
+        free -= Q @ (Q.T @ free)
+        free += 1e-3 * (Q @ rng.standard_normal(5))  # a little along the basis
+        out, _ = basis.orthogonalize(free, eta=1 / np.sqrt(2))
+        assert passes() == 1
+        assert np.abs(Q.T @ out).max() < 1e-14 * np.linalg.norm(free)
+        calls.clear()
+        if mode != "device":
+            reads.sizes.clear()
+        inside = Q @ rng.standard_normal(5) + 1e-6 * rng.standard_normal(n)
+        out, _ = basis.orthogonalize(inside, eta=1 / np.sqrt(2))
+        assert passes() == 2
+        assert np.abs(Q.T @ out).max() < 1e-14 * np.linalg.norm(inside)
+
+
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_overwrite_orthogonalises_the_callers_cpu_vector_in_place(mode):
+    torch = pytest.importorskip("torch")
+    n = 1_000
+    Q = np.linalg.qr(np.random.default_rng(4).standard_normal((n, 3)))[0]
+    with make_basis(mode, 4, torch.zeros(n, dtype=torch.float64)) as basis:
+        for v in Q.T:
+            basis.append(torch.from_numpy(v.copy()))
+        w = torch.ones(n, dtype=torch.float64)
+        kept, _ = basis.orthogonalize(w)
+        assert torch.equal(w, torch.ones(n, dtype=torch.float64))  # the default copies
+        out, _ = basis.orthogonalize(w, overwrite=True)
+        assert out.data_ptr() == w.data_ptr()  # the same memory, no second vector
+        assert torch.allclose(out, kept, rtol=0, atol=1e-14)
+        basis.append(out, divisor=float(out.norm()))
+        row = basis.row(3)
+        assert abs(float(row.norm()) - 1) < 1e-14
+        assert torch.allclose(row * float(kept.norm()), kept, rtol=0, atol=1e-13)
