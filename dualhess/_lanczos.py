@@ -62,6 +62,13 @@ def _basis_out(op: Operator, native: Operator, bases: list[Basis], basis_list: l
     return out[0] if p == 1 else out
 
 
+def _column_major(Q: Any, xp: Any) -> Any:
+    """``Q`` (n, p) with each column contiguous (the transpose of a row-major (p, n))."""
+    if Q.shape[1] == 1:
+        return Q
+    return xp.permute_dims(xp.stack([Q[:, i] for i in range(Q.shape[1])], axis=0), (1, 0))
+
+
 def _start_block(op: Operator, start: Any, num_probes: int, rng: np.random.Generator) -> Any:
     if start is None:
         return op.asarray(rng.standard_normal((op.n, num_probes)))
@@ -162,6 +169,11 @@ def lanczos(
 
     Q = _start_block(op, start, num_probes, rng)
     xp = array_namespace(Q)
+    # Column-major blocks (each probe's vector contiguous): a product takes its column
+    # without a copy, and the basis stores it with a plain one. Elementwise operations keep
+    # the layout (numpy, torch). Measured on a 10 x 60 density (97k parameters): 0.3 s of
+    # 7 s went to copying strided columns.
+    Q = _column_major(Q, xp)
     p = Q.shape[1]
     norms = safe_vector_norm(Q, xp, axis=0)
     norms_np = to_numpy(norms).astype(np.float64)
@@ -215,7 +227,7 @@ def lanczos(
                     if active[i]:
                         asymmetry = max(asymmetry, float(np.max(np.abs(total[: j + 1]),
                                                                 initial=0.0)))
-                W = xp.stack(columns, axis=1)
+                W = xp.permute_dims(xp.stack(columns, axis=0), (1, 0))  # column-major
             a_np = to_numpy(a).astype(np.float64)
             alpha[active, j] = a_np[active]
             bar.update(1)
