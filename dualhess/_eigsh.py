@@ -640,8 +640,12 @@ def eigsh(
     # bound and the products so far (the budget is a cap, not a measure of progress).
     bar = progress_bar(progress, k, "eigsh", unit="pairs converged")
     try:
-        for column in _start_columns(op, v0, b):
-            kry.add_vector(column)
+        # popped one by one: a loop variable would keep the last start vector alive (one
+        # more vector, 475 MB on GPT-2 small) for the whole run
+        start = _start_columns(op, v0, b)
+        while start:
+            kry.add_vector(start.pop(0))
+        del start
         while kry.size < b:
             kry.add_random()
         solver = _ThickRestart(kry, k, which, rule, m, b, budget, native, bar)

@@ -373,3 +373,34 @@ def test_jax_host_rule_and_device_fixed_shapes_give_the_same_numbers(monkeypatch
     for j in (0, 3):
         overlap = abs(float(np.asarray(host.vectors)[:, j] @ np.asarray(device.vectors)[:, j]))
         assert overlap == pytest.approx(1.0, abs=1e-10)
+
+
+def test_start_vectors_are_released_before_the_first_product(monkeypatch):
+    # eigsh keeps no reference to a start column once it is in the basis: at GPT-2 scale
+    # each one is another vector of the model's size for the whole run
+    import gc
+    import weakref
+
+    from dualhess import _eigsh
+
+    refs = []
+    original = _eigsh._start_columns
+
+    def tracked(op, v0, block):
+        columns = original(op, v0, block)
+        refs.extend(weakref.ref(c) for c in columns)
+        return columns
+
+    monkeypatch.setattr(_eigsh, "_start_columns", tracked)
+    alive = []
+
+    class Spy(DenseOperator):
+        def _matmat(self, V):
+            gc.collect()
+            alive.append(any(r() is not None for r in refs))
+            return super()._matmat(V)
+
+    A = np.diag(np.arange(1.0, 31.0))
+    v0 = np.random.default_rng(0).standard_normal((30, 2))
+    eigsh(Spy(A), 2, tol=1e-8, seed=0, v0=v0, block_size=2)
+    assert refs and alive and not any(alive)
