@@ -236,3 +236,20 @@ def test_overwrite_orthogonalises_the_callers_cpu_vector_in_place(mode):
         row = basis.row(3)
         assert abs(float(row.norm()) - 1) < 1e-14
         assert torch.allclose(row * float(kept.norm()), kept, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["device", "host", "disk"])
+def test_the_basis_keeps_no_reference_to_the_vector_it_was_made_like(mode):
+    # the template vector (often the first one appended) would live as long as the basis
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    like = torch.ones(1_000, dtype=torch.float64)
+    ref = weakref.ref(like)
+    with make_basis(mode, 3, like) as basis:
+        basis.append(like / like.norm())
+        del like
+        gc.collect()
+        assert ref() is None
+        assert basis.row(0).dtype == torch.float64
