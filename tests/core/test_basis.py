@@ -253,3 +253,32 @@ def test_the_basis_keeps_no_reference_to_the_vector_it_was_made_like(mode):
         gc.collect()
         assert ref() is None
         assert basis.row(0).dtype == torch.float64
+
+
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_eigsh_orthogonalises_its_own_vectors_in_place(mode, monkeypatch):
+    # products of an operator that gives them away, and eigsh's random directions, are
+    # orthogonalised in place (no second vector of n); a caller's start vector is copied
+    from dualhess import _basis
+
+    seen = []
+    original = _basis.HostBasis.orthogonalize
+
+    def recording(self, w, passes=2, *, overwrite=False, eta=None):
+        seen.append(overwrite)
+        return original(self, w, passes, overwrite=overwrite, eta=eta)
+
+    monkeypatch.setattr(_basis.HostBasis, "orthogonalize", recording)
+
+    class Owned(DenseOperator):
+        owns_outputs = True
+
+    A = np.diag(np.arange(1.0, 41.0))
+    v0 = np.ones(40)
+    res = eigsh(Owned(A), 2, tol=1e-10, seed=0, v0=v0, basis=mode)
+    np.testing.assert_allclose(res.values, [40.0, 39.0], rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(v0, np.ones(40))  # the caller's vector is untouched
+    assert seen.count(True) >= res.num_matvecs  # every product, and the random directions
+    seen.clear()
+    eigsh(DenseOperator(A), 2, tol=1e-10, seed=0, basis=mode)  # may return stored arrays
+    assert seen.count(False) >= 1
