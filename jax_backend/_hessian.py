@@ -239,6 +239,12 @@ class PytreeOperator(Operator):
 
     placement: ParamPlacement | None = None
 
+    @property
+    def _linear_tree(self) -> bool:
+        """Whether :meth:`_batch_linearization` maps parameter pytrees to pytrees (applied
+        between an unravel and a ravel of their own) rather than flat vectors."""
+        return False
+
     def __init__(
         self,
         params: Any,
@@ -305,6 +311,16 @@ class PytreeOperator(Operator):
         self._apply_mat_jit = jax.jit(
             jax.vmap(apply, in_axes=(None, 1), out_axes=1), out_shardings=matrix_out
         )
+        # A linearisation over pytrees is applied between an unravel and a ravel compiled
+        # on their own: fused into one program with the tangent pass, the slices of the flat
+        # vector made XLA's CPU code run 17 to 88 ms by process (878k parameters, the same
+        # inputs), where the three programs take 16-17 ms in every process.
+        unravel, ravel = self._unravel_fn, lambda tree: ravel_pytree(tree)[0]
+        self._unravel_jit = jax.jit(unravel)
+        self._ravel_jit = jax.jit(ravel)
+        self._unravel_cols_jit = jax.jit(jax.vmap(unravel, in_axes=1))
+        self._ravel_cols_jit = jax.jit(jax.vmap(ravel, out_axes=1))
+        self._apply_tree_mat_jit = jax.jit(jax.vmap(apply, in_axes=(None, 0)))
         #: The relative asymmetry |u^T H v - v^T H u| / (|u||Hv| + |v||Hu|) the probe
         #: measured at construction (None when skipped with check_symmetric=False).
         self.asymmetry: float | None = None
@@ -333,7 +349,12 @@ class PytreeOperator(Operator):
 
         def bytes_for(k: int) -> int:
             cols = jnp.zeros((self.n, k), self.dtype)
-            if linear is not None:
+            if linear is not None and self._linear_tree:  # the three programs in one
+                lowered = jax.jit(
+                    lambda f, c: jax.vmap(lambda x: ravel_pytree(f(self._unravel_fn(x)))[0],
+                                          in_axes=1, out_axes=1)(c)
+                ).lower(linear, cols)
+            elif linear is not None:
                 lowered = self._apply_mat_jit.lower(linear, cols)
             else:
                 lowered = self._matmat_jit.lower(self.params_flat, self.dataset.groups, cols)
@@ -565,6 +586,9 @@ class PytreeOperator(Operator):
         if self.placement is not None:
             v = self.placement.make(v)
         linear = self._linearization()
+        if linear is not None and self._linear_tree:
+            tree = self._apply_jit(linear, self._unravel_jit(v))
+            return self._linear_scaled(self._ravel_jit(tree))
         if linear is not None:
             return self._linear_scaled(self._apply_jit(linear, v))
         return self._matvec_jit(self.params_flat, self.dataset.groups, v)
@@ -575,7 +599,11 @@ class PytreeOperator(Operator):
         k = V.shape[1]
         width = self.chunk_size
         linear = self._linearization()
-        if linear is not None:
+        if linear is not None and self._linear_tree:
+            def run(cols: jax.Array) -> jax.Array:
+                trees = self._apply_tree_mat_jit(linear, self._unravel_cols_jit(cols))
+                return self._linear_scaled(self._ravel_cols_jit(trees))
+        elif linear is not None:
             run = lambda cols: self._linear_scaled(self._apply_mat_jit(linear, cols))  # noqa: E731
         else:
             run = lambda cols: self._matmat_jit(self.params_flat, self.dataset.groups, cols)  # noqa: E731
@@ -703,7 +731,17 @@ class HessianOperator(PytreeOperator):
         grad = jax.grad(self._flat_loss)
         return jax.jvp(lambda p: grad(p, batch), (flat_params,), (v,))[1]
 
+    @property
+    def _linear_tree(self) -> bool:
+        return self.placement is None  # sharded parameters keep the flat form
+
     def _batch_linearization(self, flat_params: jax.Array, batch: Any) -> Any:
+        if self._linear_tree:  # over the parameter pytree (see PytreeOperator.__init__)
+            def tree_loss(params: Any) -> jax.Array:
+                value = self.loss_fn(params, batch)
+                return value[0] if self._summed else value
+
+            return jax.linearize(jax.grad(tree_loss), self._unravel_fn(flat_params))[1]
         grad = jax.grad(self._flat_loss)
         return jax.linearize(lambda p: grad(p, batch), flat_params)[1]
 

@@ -150,6 +150,8 @@ def test_one_batch_reuses_its_linearization(problem):
     got_vec = op.matvec(V[:, 0])
     linear = op._linearization()
     assert linear is not None and op._linearization() is linear
+    # over the parameter pytree, applied between an unravel and a ravel of their own
+    assert op._linear_tree
     got_mat = op.matmat(V)  # chunks of 4 and 2 (padded)
     recomputed = op._matmat_jit(op.params_flat, op.dataset.groups, V)
     assert relative_error(got_mat, dense @ np.asarray(V)) <= 1e-10
